@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['DETECTORS', 'DetectorConfig', 'Detector', 'register_detector', 'list_detectors', 'make_config', 'create_detector',
            'TinyCNNConfig', 'TinyCNN', 'save_detector', 'load_detector', 'SyntheticDetectionDataset', 'TrainConfig',
-           'EpochSampler', 'predict', 'evaluate', 'Trainer']
+           'EpochSampler', 'predict', 'evaluate', 'Trainer', 'import_detector_modules', 'dfc_train']
 
-# %% ../nbs/06_training.ipynb #c373ac7d
+# %% ../nbs/06_training.ipynb #bf45d2f3
 import math, os, time, shutil, inspect
 from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
@@ -26,7 +26,7 @@ from .core import (Registry, ConfigError, DataError, TrainingError, get_device, 
                                   seed_everything, torch_generator, save_json, load_json, dfc_home, num_params)
 from .metrics import detection_metrics
 
-# %% ../nbs/06_training.ipynb #b0981d94
+# %% ../nbs/06_training.ipynb #ad06b47a
 @dataclass
 class DetectorConfig:
     "Base config of a detector; subclasses add their fields. `name` is filled in by the registry."
@@ -53,7 +53,7 @@ class Detector(nn.Module):
         "Fake probabilities for a B x 3 x H x W batch in [-1, 1]."
         return torch.sigmoid(self({'image': images})['logits'].float())
 
-# %% ../nbs/06_training.ipynb #1c319e6f
+# %% ../nbs/06_training.ipynb #e33e03cf
 DETECTORS = Registry('detector')
 
 def register_detector(name:str, config_class:type|None=None):
@@ -84,7 +84,7 @@ def create_detector(name:str, config:DetectorConfig|dict|None=None, **overrides)
     "Build the registered detector `name` from its config (defaults, `config`, then `overrides`)."
     return DETECTORS.get(name)(make_config(name, config, **overrides))
 
-# %% ../nbs/06_training.ipynb #9dca7785
+# %% ../nbs/06_training.ipynb #0db7fb74
 @dataclass
 class TinyCNNConfig(DetectorConfig):
     in_channels: int = 3
@@ -110,7 +110,7 @@ class TinyCNN(Detector):
         f = self.features(batch['image']).mean((2, 3))
         return {'logits': self.head(self.dropout(f)).squeeze(1), 'features': f}
 
-# %% ../nbs/06_training.ipynb #d472be2a
+# %% ../nbs/06_training.ipynb #f5b82660
 def save_detector(detector:Detector, folder:str|Path, extra:dict|None=None) -> Path:
     "Save `detector` as `folder/model.safetensors` + `folder/detector.json` (written whole or not at all)."
     folder = Path(folder)
@@ -137,7 +137,7 @@ def load_detector(folder:str|Path, device:str|torch.device|None=None) -> Detecto
     except RuntimeError as e: raise DataError(f"{wfile} does not match detector {meta['detector']!r}: {e}") from e
     return det.to(get_device(device)).eval()
 
-# %% ../nbs/06_training.ipynb #3231ebbf
+# %% ../nbs/06_training.ipynb #674541fa
 class SyntheticDetectionDataset(Dataset):
     "Smooth random images (real) and the same plus a faint checkerboard (fake), grouped into videos; deterministic."
     def __init__(self, n:int=256, size:int=32, frames_per_video:int=4, strength:float=0.15, seed:int=0):
@@ -156,7 +156,7 @@ class SyntheticDetectionDataset(Dataset):
         if label: img = img + self.strength * torch.rand(1, generator=g).add(0.5) * self.checker
         return {'image': img.clamp(-1, 1), 'label': label, 'video': f'v{video:04d}', 'family': 'checker' if label else 'real'}
 
-# %% ../nbs/06_training.ipynb #f7759220
+# %% ../nbs/06_training.ipynb #b8cb63dc
 @dataclass
 class TrainConfig:
     "The training recipe."
@@ -191,7 +191,7 @@ class TrainConfig:
         if not self.lr > 0: raise ConfigError(f"lr must be positive, got {self.lr}")
         self.betas, self.step_epochs = tuple(self.betas), tuple(self.step_epochs)
 
-# %% ../nbs/06_training.ipynb #5d52b18f
+# %% ../nbs/06_training.ipynb #988631b1
 class EpochSampler(Sampler):
     "A permutation of `range(n)` drawn from a generator seeded by (seed, epoch); call `set_epoch` each epoch."
     def __init__(self, n:int, seed:int=0, shuffle:bool=True): self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
@@ -201,7 +201,7 @@ class EpochSampler(Sampler):
         if not self.shuffle: return iter(range(self.n))
         return iter(torch.randperm(self.n, generator=torch_generator(self.seed * 10_007 + self.epoch)).tolist())
 
-# %% ../nbs/06_training.ipynb #ad23e19b
+# %% ../nbs/06_training.ipynb #e5ff5397
 def _collate(samples:list[dict]) -> dict:
     "Stack tensors and numbers; keep strings as lists."
     out = {}
@@ -238,7 +238,7 @@ def evaluate(detector:Detector, dataset:Dataset, batch_size:int=128, device=None
     has_videos = video_level and (p['video'] != '').all()
     return detection_metrics(p['label'].to_numpy(), p['prob'].to_numpy(), p['video'].to_numpy() if has_videos else None)
 
-# %% ../nbs/06_training.ipynb #a8f5dfc4
+# %% ../nbs/06_training.ipynb #b9e68dd5
 def _lr_lambda(cfg:TrainConfig, steps_per_epoch:int):
     total = cfg.epochs * steps_per_epoch
     def f(step):
@@ -363,3 +363,47 @@ class Trainer:
         self.stopped_early = stopped
         self.detector = acc.unwrap_model(model)
         return pd.DataFrame(self.history)
+
+# %% ../nbs/06_training.ipynb #b939c777
+from fastcore.script import call_parse
+
+def import_detector_modules() -> list[str]:
+    "Import every module of `deepfake_course.models`, so that the detectors they define register themselves."
+    import importlib, pkgutil
+    try: import deepfake_course.models as models
+    except ImportError: return []
+    return [importlib.import_module(f'deepfake_course.models.{m.name}').__name__ for m in pkgutil.iter_modules(models.__path__)]
+
+@call_parse
+def dfc_train(detector:str='tiny_cnn',  # registered detector name
+              train_json:str=None,      # DeepfakeBench-layout JSON whose 'train' split trains
+              val_json:str=None,        # JSON whose 'val' split validates (default: train_json)
+              test_json:str=None,       # JSON whose 'test' split is evaluated at the end (default: val_json)
+              labels:str=None,          # comma-separated label names to use (default: all)
+              out:str=None,             # run folder (default: $DFC_HOME/runs/<detector>-<time>)
+              scale:str=None,           # scale preset: embedded or paper (default: $DFC_SCALE or embedded)
+              config:str=None,          # detector settings as JSON, e.g. '{"width": 16}'
+              epochs:int=None, batch_size:int=None, lr:float=1e-3, seed:int=0, image_size:int=None,
+              num_workers:int=None, resume:bool=False, progress:bool=True):
+    "Train a registered detector on a DeepfakeBench-layout JSON; print the history and test metrics."
+    import json as _json
+    from deepfake_course.core import get_scale
+    from deepfake_course.data.datasets import DeepfakeDataset
+    if train_json is None: raise ConfigError("dfc-train needs --train_json (a DeepfakeBench-layout JSON)")
+    sc = get_scale(scale)
+    names = labels.split(',') if labels else None
+    size = image_size or None
+    ds = lambda path, split: DeepfakeDataset(path, split=split, labels=names, image_size=size)
+    train_ds, val_ds = ds(train_json, 'train'), ds(val_json or train_json, 'val')
+    if detector not in DETECTORS: import_detector_modules()
+    seed_everything(seed)
+    det = create_detector(detector, _json.loads(config) if config else None)
+    cfg = TrainConfig(epochs=epochs or sc.epochs, batch_size=batch_size or sc.batch_size, lr=lr, seed=seed,
+                      num_workers=sc.num_workers if num_workers is None else num_workers, progress=progress)
+    t = Trainer(det, train_ds, val_ds, cfg, out_dir=out)
+    hist = t.fit(resume=resume)
+    print(hist.round(4).to_string(index=False))
+    test = evaluate(load_detector(t.best_dir), ds(test_json or val_json or train_json, 'test'))
+    print('test (best checkpoint):', {k: round(v, 4) if isinstance(v, float) else v for k, v in test.items()})
+    print('best detector saved in', t.best_dir)
+    return t

@@ -90,3 +90,22 @@ def test_predict_columns():
     p = predict(create_detector('tiny_cnn', width=4), SyntheticDetectionDataset(16, size=16), batch_size=5)
     assert list(p.columns) == ['prob', 'label', 'video', 'family', 'path']
     assert len(p) == 16 and p['prob'].between(0, 1).all()
+
+
+def test_cli_trains_on_a_built_json(tmp_path):
+    "`python -m deepfake_course.train` (what `accelerate launch -m` runs) trains and saves a loadable best detector."
+    import subprocess, sys
+    from deepfake_course.data.build import build_embedded
+    data = build_embedded('tiny', root=tmp_path / 'data', verbose=False)
+    out = tmp_path / 'run'
+    r = subprocess.run([sys.executable, '-m', 'deepfake_course.train', '--detector', 'tiny_cnn',
+                        '--train_json', str(data / 'faces.json'), '--labels', 'DFC-real,DFC-upconv',
+                        '--out', str(out), '--epochs', '1', '--batch_size', '8', '--config', '{"width": 4}',
+                        '--no-progress'], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert 'test (best checkpoint)' in r.stdout
+    det = load_detector(out / 'best')
+    assert det.config.width == 4
+    bad = subprocess.run([sys.executable, '-m', 'deepfake_course.train', '--detector', 'nope',
+                          '--train_json', str(data / 'faces.json')], capture_output=True, text=True, timeout=300)
+    assert bad.returncode != 0 and "unknown detector 'nope'" in bad.stderr
