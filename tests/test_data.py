@@ -112,3 +112,15 @@ def test_cli_verify(tiny):
     exe = Path(sys.executable).parent/'dfc-build'      # the console script declared in settings.ini
     r = subprocess.run([str(exe), '--preset', 'tiny', '--root', str(tiny), '--verify'], capture_output=True, text=True)
     assert r.returncode == 0 and "'ok': True" in r.stdout, r.stderr
+
+
+def test_parallel_builders_take_turns(tmp_path):
+    "Two builders of the same preset (as parallel notebooks under nbdev_test) both get a verified build."
+    from concurrent.futures import ThreadPoolExecutor
+    from deepfake_course.data.build import build_embedded, verify_build
+    root = tmp_path / 'shared'
+    with ThreadPoolExecutor(2) as ex:
+        folders = list(ex.map(lambda _: build_embedded('tiny', root=root, verbose=False), range(2)))
+    assert folders == [root, root]
+    assert verify_build(root)['ok']
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith('.')) == ['shared']

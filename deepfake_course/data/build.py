@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['PRESETS', 'FAMILY_ORDER', 'SPLIT_FRACTIONS', 'BUILD_VERSION', 'preset_config', 'split_groups', 'build_domain',
-           'verify_build', 'build_embedded', 'dfc_build']
+           'verify_build', 'build_lock', 'build_counts', 'build_embedded', 'dfc_build']
 
-# %% ../../nbs/03b_build.ipynb #82484bb0
-import time, warnings, json
+# %% ../../nbs/03b_build.ipynb #42b3cde4
+import time, warnings, json, contextlib
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +17,10 @@ from fastcore.script import call_parse
 from ..core import (cache_path, atomic_dir, sha256_file, save_json, load_json, gray_to_rgb,
                                   DataError, ChecksumError, ConfigError)
 from .sources import load_domain
-from .manipulations import FAMILIES, Blend, UpConv, Swap, JPEG, FrameJitter, keyed_rng
+from .manipulations import FAMILIES, Blend, UpConv, Swap, SWAP_BLEND, JPEG, FrameJitter, keyed_rng
 from .datasets import write_png, write_deepfakebench_json
 
-# %% ../../nbs/03b_build.ipynb #609dfe0f
+# %% ../../nbs/03b_build.ipynb #cd7d799e
 PRESETS = {
     # CI and tests: a few hundred PNGs, seconds
     'tiny': dict(domains=dict(faces=dict(n=24, size=32), photos=dict(crops_per_photo=2, size=32)),
@@ -34,7 +34,7 @@ PRESETS = {
 }
 FAMILY_ORDER = ('blend', 'upconv', 'swap')
 SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
-BUILD_VERSION = 1
+BUILD_VERSION = 2  # 2: calibrated blend (smoothed source, narrower feathering)
 
 def preset_config(preset:str|dict='default', seed:int=0) -> dict:
     "The full build parameters of `preset` (a name in `PRESETS` or a dict like them)."
@@ -43,10 +43,11 @@ def preset_config(preset:str|dict='default', seed:int=0) -> dict:
         cfg = dict(PRESETS[preset], preset=preset)
     else: cfg = dict(preset, preset=preset.get('preset', 'custom'))
     cfg = dict(cfg, seed=seed, families=list(FAMILY_ORDER), split_fractions=list(SPLIT_FRACTIONS),
-               blend=Blend(seed).config(), jitter=vars(FrameJitter(seed=seed)), version=BUILD_VERSION)
+               blend=Blend(seed, **{k: v for k, v in cfg.get('blend', {}).items() if k != 'seed'}).config(), swap_blend=Blend(seed + 1, **SWAP_BLEND).config(),
+               jitter=vars(FrameJitter(seed=seed)), version=BUILD_VERSION)
     return json.loads(json.dumps(cfg))  # the form the manifest stores (tuples become lists)
 
-# %% ../../nbs/03b_build.ipynb #e8411c5b
+# %% ../../nbs/03b_build.ipynb #358d602f
 def split_groups(groups:list[str], seed:int=0, fractions=SPLIT_FRACTIONS, key:str='') -> dict:
     "Map each distinct group to 'train', 'val' or 'test' (shuffled by seed; at least one group per split when possible)."
     uniq = sorted(set(groups))
@@ -55,7 +56,7 @@ def split_groups(groups:list[str], seed:int=0, fractions=SPLIT_FRACTIONS, key:st
     n_train = n - n_val - n_test
     return {g: ('train' if i < n_train else 'val' if i < n_train + n_val else 'test') for i, g in enumerate(order)}
 
-# %% ../../nbs/03b_build.ipynb #bbd36d11
+# %% ../../nbs/03b_build.ipynb #50134379
 def _base_images(domain, dcfg, seed):
     reals = load_domain(domain, n=dcfg.get('n'), seed=seed, crop_size=dcfg['size'], crops_per_photo=dcfg.get('crops_per_photo', 16))
     size = dcfg['size']
@@ -73,7 +74,7 @@ def build_domain(out:Path, domain:str, cfg:dict) -> dict:
     jitter, post = FrameJitter(seed=seed, **{k: v for k, v in cfg['jitter'].items() if k != 'seed'}), JPEG(cfg['jpeg_quality'])
     upconv = UpConv(seed=seed, **cfg['upconv']).fit([r.image for r in reals])
     makers = {'blend': Blend(seed, **{k: v for k, v in cfg['blend'].items() if k != 'seed'}), 'upconv': upconv,
-              'swap': Swap(upconv, Blend(seed + 1), seed=seed + 1)}
+              'swap': Swap(upconv, Blend(seed + 1, **{k: v for k, v in cfg['swap_blend'].items() if k != 'seed'}), seed=seed + 1)}
     entries, frames_of, poses_of = [], {}, {}
     d = Path(domain)
     for r in reals:  # real videos
@@ -115,7 +116,7 @@ def build_domain(out:Path, domain:str, cfg:dict) -> dict:
                 splits={s: sorted({r.group for r in reals if split_of[r.group] == s}) for s in ('train', 'val', 'test')},
                 provenance=[r.provenance() for r in reals])
 
-# %% ../../nbs/03b_build.ipynb #2f3950ae
+# %% ../../nbs/03b_build.ipynb #bee09580
 def _manifest_files(folder:Path) -> dict:
     return {p.relative_to(folder).as_posix(): sha256_file(p) for p in sorted(folder.rglob('*'))
             if p.is_file() and p.name != 'manifest.json'}
@@ -133,28 +134,48 @@ def verify_build(path:str|Path) -> dict:
     if extra: raise DataError(f"{extra[0]}: file not in the manifest ({len(extra)} unexpected file(s))")
     return dict(path=str(path), files=len(files), preset=man['params']['preset'], ok=True)
 
+@contextlib.contextmanager
+def build_lock(folder:Path):
+    "Hold an exclusive lock beside `folder` while it is checked or built, so that parallel builders (notebooks under `nbdev_test`) take turns."
+    import fcntl
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent/f'.{folder.name}.lock', 'w') as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try: yield
+        finally: fcntl.flock(f, fcntl.LOCK_UN)
+
+def build_counts(folder:str|Path, values:str='frames'):
+    "A DataFrame of the build's `values` ('frames' or 'videos') per domain, family and split, read from its manifest."
+    import pandas as pd
+    man = load_json(Path(folder)/'manifest.json')
+    rows = [dict(domain=d, split=key.split('/')[0], family=key.split('/')[1], videos=v['videos'], frames=v['frames'])
+            for d, c in man['counts'].items() for key, v in c.items()]
+    t = pd.DataFrame(rows).pivot_table(index=['domain', 'family'], columns='split', values=values, aggfunc='sum', fill_value=0)
+    return t[[c for c in ('train', 'val', 'test') if c in t.columns]]
+
 def build_embedded(preset:str|dict='default', root:str|Path|None=None, force:bool=False, seed:int=0, verbose:bool=True) -> Path:
     "Build the embedded benchmark (or verify and reuse it) under `root` (default `cache_path('data', 'embedded-<preset>')`); returns the folder."
     cfg = preset_config(preset, seed)
     folder = Path(root) if root is not None else cache_path('data', f"embedded-{cfg['preset']}" + (f'-s{seed}' if seed else ''))
-    if folder.exists() and not force:
-        try:
-            man = load_json(folder/'manifest.json')
-            if man.get('params') != cfg: raise DataError(f"{folder}: built with other parameters")
-            verify_build(folder)
-            if verbose: print(f"reusing verified build {folder}")
-            return folder
-        except DataError as e:
-            warnings.warn(f"rebuilding {folder}: {e}")
-    t0 = time.time()
-    with atomic_dir(folder, overwrite=True) as tmp:
-        domains = {dom: build_domain(tmp, dom, cfg) for dom in cfg['domains']}
-        files = _manifest_files(tmp)
-        save_json(dict(params=cfg, build_seconds=round(time.time() - t0, 1), n_files=len(files),
-                       counts={d: v['counts'] for d, v in domains.items()},
-                       splits={d: v['splits'] for d, v in domains.items()},
-                       upconv_final_l1={d: v['upconv_final_l1'] for d, v in domains.items()},
-                       provenance={d: v['provenance'] for d, v in domains.items()}, files=files), tmp/'manifest.json')
+    with build_lock(folder):
+        if folder.exists() and not force:
+            try:
+                man = load_json(folder/'manifest.json')
+                if man.get('params') != cfg: raise DataError(f"{folder}: built with other parameters")
+                verify_build(folder)
+                if verbose: print(f"reusing verified build {folder}")
+                return folder
+            except DataError as e:
+                warnings.warn(f"rebuilding {folder}: {e}")
+        t0 = time.time()
+        with atomic_dir(folder, overwrite=True) as tmp:
+            domains = {dom: build_domain(tmp, dom, cfg) for dom in cfg['domains']}
+            files = _manifest_files(tmp)
+            save_json(dict(params=cfg, build_seconds=round(time.time() - t0, 1), n_files=len(files),
+                           counts={d: v['counts'] for d, v in domains.items()},
+                           splits={d: v['splits'] for d, v in domains.items()},
+                           upconv_final_l1={d: v['upconv_final_l1'] for d, v in domains.items()},
+                           provenance={d: v['provenance'] for d, v in domains.items()}, files=files), tmp/'manifest.json')
     if verbose: print(f"built {folder} ({len(files)} files) in {time.time() - t0:.1f} s")
     return folder
 
@@ -169,4 +190,6 @@ def dfc_build(preset:str='default',  # build preset: tiny, default or large
         cfg = preset_config(preset, seed)
         folder = Path(root) if root else cache_path('data', f"embedded-{cfg['preset']}" + (f'-s{seed}' if seed else ''), create=False)
         print(verify_build(folder)); return
-    build_embedded(preset, root, force=force, seed=seed)
+    folder = build_embedded(preset, root, force=force, seed=seed)
+    print('frames per domain, family and split:'); print(build_counts(folder).to_string())
+    print('JSON files (DeepfakeBench layout):', ', '.join(str(p) for p in sorted(folder.glob('*.json')) if p.name != 'manifest.json'))

