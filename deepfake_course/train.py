@@ -91,7 +91,8 @@ def make_config(name:str, config:DetectorConfig|dict|None=None, **overrides) -> 
 
 def create_detector(name:str, config:DetectorConfig|dict|None=None, **overrides) -> Detector:
     "Build the registered detector `name` from its config (defaults, `config`, then `overrides`)."
-    return DETECTORS.get(name)(make_config(name, config, **overrides))
+    cfg = make_config(name, config, **overrides)  # first: it imports the model modules that register `name`
+    return DETECTORS.get(name)(cfg)
 
 # %% ../nbs/06_training.ipynb #725d40f1
 @dataclass

@@ -109,3 +109,12 @@ def test_cli_trains_on_a_built_json(tmp_path):
     bad = subprocess.run([sys.executable, '-m', 'deepfake_course.train', '--detector', 'nope',
                           '--train_json', str(data / 'faces.json')], capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "unknown detector 'nope'" in bad.stderr
+
+
+def test_create_detector_imports_model_modules_in_a_fresh_process():
+    "A detector defined by a later lesson is found without calling list_detectors() first."
+    import subprocess, sys
+    code = "from deepfake_course.train import create_detector; print(type(create_detector('xception')).__name__)"
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'Xception' in r.stdout

@@ -1,0 +1,270 @@
+"SpecXNet parts: shapes, FFT maths, DFA maths, fast path == reference path, gradients, determinism, errors, CLI."
+import math, shutil, subprocess, sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from hypothesis import given, settings, strategies as st
+
+from deepfake_course.core import ConfigError, seed_everything
+from deepfake_course.models.specxnet import (FourierUnit, SpectralTransform, DDFC, DDFCUnit, DualFourierAttention,
+    FFCSeparableConv2d, FFCBlock, specxnet, specxnet_config, set_fast_path, add_upsampled_2x2, nearest_split,
+    speed_table, MIN_INPUT_SIZE, pointwise, conv_fast, is_channels_last, HADAMARD_2x2)
+
+torch.set_num_threads(1)
+
+
+def randomize_bn(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            for t, lo, hi in ((m.running_mean, -.5, .5), (m.running_var, .5, 2), (m.weight, .5, 1.5), (m.bias, -.5, .5)):
+                t.data.copy_(torch.rand(t.shape, generator=g) * (hi - lo) + lo)
+    return model.eval()
+
+
+def both_paths(model, *x):
+    with torch.no_grad():
+        ref = set_fast_path(model, False)(*x); fast = set_fast_path(model, True)(*x)
+    return (ref, fast) if isinstance(ref, tuple) else ((ref,), (fast,))
+
+
+# ---------------------------------------------------------------- FourierUnit maths
+@settings(max_examples=25, deadline=None)
+@given(h=st.integers(1, 12), w=st.integers(1, 12), c=st.integers(1, 4))
+def test_fourier_unit_identity_round_trip(h, w, c):
+    fu = FourierUnit(c, c)
+    with torch.no_grad(): fu.conv.weight.copy_(torch.eye(2 * c).view(2 * c, 2 * c, 1, 1))
+    fu.bn, fu.act = nn.Identity(), nn.Identity()
+    x = torch.randn(2, c, h, w, dtype=torch.float64)
+    torch.testing.assert_close(fu.double()(x), x)
+
+
+@pytest.mark.parametrize('h,w', [(4, 6), (8, 5), (2, 2)])
+def test_spectrum_matches_naive_dft(h, w):
+    x = torch.randn(1, 2, h, w, dtype=torch.float64)
+    z = FourierUnit(2, 2).double().spectrum_to_channels(x)
+    n1, n2 = torch.arange(h).double(), torch.arange(w).double()
+    k1, k2 = torch.arange(h).double(), torch.arange(w // 2 + 1).double()
+    ref = torch.zeros(1, 2, h, w // 2 + 1, dtype=torch.complex128)
+    for a in range(h):            # the definition, term by term
+        for b in range(w // 2 + 1):
+            phase = torch.exp(-2j * math.pi * (k1[a] * n1[:, None] / h + k2[b] * n2[None, :] / w))
+            ref[..., a, b] = (x * phase).sum((-2, -1)) / math.sqrt(h * w)
+    torch.testing.assert_close(z[:, 0::2], ref.real); torch.testing.assert_close(z[:, 1::2], ref.imag)
+
+
+@pytest.mark.parametrize('h,w', [(5, 7), (6, 6), (1, 3), (9, 2)])
+def test_add_upsampled_equals_interpolate(h, w):
+    small = torch.randn(2, 3, 2, 2)
+    out = torch.randn(2, 3, h, w)
+    expect = out + torch.nn.functional.interpolate(small, size=(h, w), mode='nearest')
+    torch.testing.assert_close(add_upsampled_2x2(out.clone(), small), expect)
+
+
+# ---------------------------------------------------------------- DFA maths
+@pytest.mark.parametrize('fusion', ['cross', 'softmax'])
+@pytest.mark.parametrize('fast', [True, False])
+def test_dfa_hand_values(fusion, fast):
+    dfa = DualFourierAttention(2, 2, fusion).eval()
+    with torch.no_grad():
+        for bn in (dfa.norm_l, dfa.norm_g): bn.eps = 0.0
+        for gate, p in ((dfa.gate_l, 0.2), (dfa.gate_g, 0.6)):
+            gate[1].weight.zero_(); gate[3].weight.zero_(); gate[3].bias.fill_(math.log(p / (1 - p)))
+        if fusion == 'softmax':
+            dfa.fusion_weight.weight.zero_(); dfa.fusion_weight.bias.copy_(torch.tensor([math.log(4.), 0.]))
+    set_fast_path(dfa, fast)
+    y_l, y_g = torch.randn(1, 2, 3, 3), torch.randn(1, 2, 3, 3)
+    out_l, out_g = dfa(y_l, y_g)
+    w0, w1 = (0.8, 0.2) if fusion == 'softmax' else (1.0, 1.0)
+    torch.testing.assert_close(out_l, y_l * 1.6 * w0)   # local branch gated by the *global* gate (0.6)
+    torch.testing.assert_close(out_g, y_g * 1.2 * w1)   # global branch gated by the *local* gate (0.2)
+
+
+def test_dfa_train_mode_normalises():
+    dfa = DualFourierAttention(4, 4).train()
+    out_l, _ = dfa(torch.randn(8, 4, 5, 5) * 10 + 3, torch.randn(8, 4, 5, 5))
+    assert out_l.shape == (8, 4, 5, 5) and torch.isfinite(out_l).all()
+
+
+# ---------------------------------------------------------------- fast path == reference path
+def pair(c, h, w=None, relu=False):
+    t = (torch.randn(2, c, h, w or h), torch.randn(2, c, h, w or h))
+    return tuple(x.relu() for x in t) if relu else t
+
+@pytest.mark.parametrize('make,x', [
+    (lambda: FourierUnit(3, 5), lambda: torch.randn(2, 3, 7, 6)),
+    (lambda: SpectralTransform(6, 8, 1), lambda: torch.randn(2, 6, 9, 9)),
+    (lambda: SpectralTransform(6, 8, 2), lambda: torch.randn(2, 6, 9, 8)),
+    (lambda: DDFCUnit(8, 12, 3, padding=1), lambda: pair(4, 9)),
+    (lambda: DDFCUnit(8, 12, 1, stride=2), lambda: pair(4, 7)),
+    (lambda: DDFCUnit(8, 8, 3, padding=1, groups=4), lambda: (torch.randn(2, 4, 6, 6), None)),
+    (lambda: FFCSeparableConv2d(8, 12), lambda: pair(4, 8)),
+    (lambda: FFCBlock(8, 12, 2, 2), lambda: pair(4, 9)),
+    (lambda: FFCBlock(12, 12, 3, 1, input_nonneg=True), lambda: pair(6, 6, relu=True)),
+])
+def test_fast_equals_reference(make, x):
+    torch.manual_seed(0)
+    m = randomize_bn(make()); inp = x()
+    ref, fast = both_paths(m, inp)   # tuple-input modules take the (local, global) pair as one argument
+    for a, b in zip(ref, fast): torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('shape', [(2, 6, 5, 3), (1, 4, 2, 2), (3, 5, 1, 1)])
+def test_pointwise_matmul_equals_conv_float64(shape):
+    x = torch.randn(*shape, dtype=torch.float64)
+    w, b = torch.randn(7, shape[1], 1, 1, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    torch.testing.assert_close(pointwise(x, w, b), torch.nn.functional.conv2d(x, w, b), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pointwise(x, w), torch.nn.functional.conv2d(x, w), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize('shape', [(2, 6, 5, 3), (1, 4, 7, 7), (3, 5, 2, 2)])
+def test_pointwise_channels_last_is_addmm_and_keeps_layout(shape):
+    x = torch.randn(*shape, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(7, shape[1], 1, 1, dtype=torch.float64), torch.randn(7, dtype=torch.float64)
+    assert is_channels_last(x)
+    y = pointwise(x, w, b)
+    assert is_channels_last(y)
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, w, b), rtol=1e-12, atol=1e-12)
+    # anything but a dense stride-1 1 x 1 falls back to F.conv2d
+    torch.testing.assert_close(conv_fast(x, w, b, stride=2), torch.nn.functional.conv2d(x, w, b, stride=2))
+
+
+def test_hadamard_is_rfft2_of_2x2():
+    x = torch.randn(3, 5, 2, 2, dtype=torch.float64)
+    spec = torch.fft.rfft2(x, norm='ortho').flatten(-2)                  # frequencies (k1, k2) row-major
+    torch.testing.assert_close(spec.real, x.flatten(-2) @ HADAMARD_2x2.double().T, rtol=1e-12, atol=1e-12)
+    assert spec.imag.abs().max() < 1e-12
+    torch.testing.assert_close(HADAMARD_2x2 @ HADAMARD_2x2, torch.eye(4))
+    # irfft2 of a 2 x 2 spectrum ignores the imaginary parts: the LFU's Im outputs never matter
+    z = torch.complex(torch.randn(3, 5, 2, 2, dtype=torch.float64), torch.randn(3, 5, 2, 2, dtype=torch.float64))
+    torch.testing.assert_close(torch.fft.irfft2(z, s=(2, 2), norm='ortho'), torch.fft.irfft2(z.real.to(z.dtype), s=(2, 2), norm='ortho'))
+
+
+@pytest.mark.parametrize('h,w', [(9, 9), (8, 6), (3, 5)])
+def test_lfu_2x2_equals_reference_float64(h, w):
+    torch.manual_seed(0)
+    st = randomize_bn(SpectralTransform(6, 8)).double()
+    z = torch.randn(2, 4, h, w, dtype=torch.float64)
+    with torch.no_grad():
+        ref = torch.nn.functional.interpolate(st.local_fourier(z), size=(h, w), mode='nearest')
+        ref = torch.nn.functional.conv2d(ref, st.conv2.weight)
+        fast = torch.nn.functional.interpolate(st.local_fourier_2x2(z, st.conv2.weight), size=(h, w), mode='nearest')
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_bf16_autocast_runs_fourier_units_in_float32():
+    "Under bf16 autocast (what the course uses on CUDA) the FFTs run in float32 instead of failing."
+    m = specxnet('embedded', width=0.125)
+    fu = FourierUnit(3, 3)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        assert fu(torch.randn(2, 3, 6, 6, dtype=torch.bfloat16)).dtype == torch.float32
+        for mode in ('train', 'eval'):
+            getattr(m, mode)()
+            out = m(torch.randn(2, 3, 48, 48))
+            assert out.shape == (2, 2) and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize('kernel,stride,groups,size,zeros', [
+    (1, 1, 1, 9, False), (1, 1, 1, 8, False), (3, 1, 1, 7, False), (1, 2, 1, 9, False), (3, 1, 4, 6, False),
+    (1, 1, 1, 5, True), (3, 1, 4, 7, True)])
+def test_fused_convolutions_equal_reference_float64(kernel, stride, groups, size, zeros):
+    "The stacked l2l+l2g and g2l+ST-conv1 convolutions, matmul 1 x 1s and linear SE gates keep the maths (float64)."
+    torch.manual_seed(0)
+    unit = randomize_bn(DDFCUnit(8, 8, kernel, stride=stride, padding=kernel // 2, groups=groups)).double()
+    assert unit.ddfc._g2l_fuses_with_spectral() == (kernel == 1 and stride == 1 and groups == 1)
+    x_l, x_g = (t.double() for t in pair(4, size))
+    ref, fast = both_paths(unit, (x_l, None if zeros else x_g))
+    for a, b in zip(ref, fast): torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+def test_whole_model_fast_equals_reference_float64():
+    torch.manual_seed(0)
+    m = randomize_bn(specxnet('embedded', width=0.125)).double()
+    for size in (47, 64):
+        x = torch.randn(2, 3, size, size, dtype=torch.float64)
+        (ref,), (fast,) = both_paths(m, x)
+        torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10 * ref.abs().max().item())
+
+
+def test_folded_weights_follow_parameter_updates():
+    "The eval-mode cache of BN-folded weights must notice in-place parameter changes."
+    m = randomize_bn(DDFCUnit(8, 8, 3, padding=1))
+    x = pair(4, 6)
+    with torch.no_grad():
+        before = m(x)[0].clone()
+        m.ddfc.conv_l2l.weight.mul_(2); m.bn_l.running_var.mul_(3)
+        after = m(x)[0]
+        set_fast_path(m, False); ref = m(x)[0]
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- model shapes, gradients, determinism
+@pytest.mark.parametrize('size', [MIN_INPUT_SIZE, 48, 63, 64])
+def test_model_shapes_odd_and_even(size):
+    m = specxnet('embedded', width=0.125, num_classes=3).train()
+    assert m(torch.randn(2, 3, size, size)).shape == (2, 3)
+    assert m(torch.randn(2, 3, size, size + 5)).shape == (2, 3)
+
+
+def test_gradients_reach_spectral_branch():
+    m = specxnet('embedded', width=0.125).train()
+    m(torch.randn(2, 3, 64, 64)).sum().backward()
+    fus = [fu for fu in m.blocks.modules() if isinstance(fu, FourierUnit)]
+    assert len(fus) > 0
+    for fu in fus: assert fu.conv.weight.grad is not None and fu.conv.weight.grad.abs().sum() > 0
+
+
+def test_deterministic_under_seed():
+    outs = []
+    for _ in range(2):
+        seed_everything(123)
+        m = specxnet('embedded', width=0.125).train()
+        x = torch.randn(2, 3, 48, 48)
+        outs.append((m(x).detach(), [p.detach().clone() for p in m.parameters()][:5]))
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=0, atol=0)
+    for a, b in zip(outs[0][1], outs[1][1]): torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_paper_parameter_count():
+    n = sum(p.numel() for p in specxnet('paper', num_classes=2).parameters()) / 1e6
+    assert abs(n - 67.86) / 67.86 < 0.01, n
+
+
+# ---------------------------------------------------------------- errors
+@pytest.mark.parametrize('call,msg', [
+    (lambda: specxnet('embedded', ratio=0.25), "needs equal widths"),
+    (lambda: specxnet('embedded', ratio=0.75), "needs equal widths"),
+    (lambda: specxnet('embedded', ratio=1.0), "ratio must be in (0, 1)"),
+    (lambda: specxnet('embedded', width=0), "width must be > 0"),
+    (lambda: specxnet('nope'), "unknown SpecXNet preset"),
+    (lambda: specxnet_config('paper', widht=1.0), "unknown SpecXNet config fields ['widht']"),
+    (lambda: DualFourierAttention(6, 2), "equal branch widths"),
+    (lambda: DualFourierAttention(4, 4, fusion='figure'), "fusion must be one of"),
+    (lambda: SpectralTransform(4, 4, stride=3), "stride must be 1 or 2"),
+    (lambda: DDFC(8, 8, 3, groups=3), "not divisible by groups=3"),
+])
+def test_invalid_configs_raise_config_error(call, msg):
+    with pytest.raises(ConfigError, match=None) as e: call()
+    assert msg in str(e.value)
+
+
+def test_bad_inputs():
+    m = specxnet('embedded', width=0.125)
+    with pytest.raises(ValueError, match='at least 37'): m(torch.randn(1, 3, 36, 64))
+    with pytest.raises(ValueError, match='B x 3 x H x W'): m(torch.randn(3, 64, 64))
+
+
+# ---------------------------------------------------------------- speed table and CLI (tiny shapes: a smoke test, not a timing)
+def test_cli_runs(tmp_path):
+    out = tmp_path / 'speed.csv'
+    script = shutil.which('dfc-speed-bench') or str(Path(sys.executable).parent / 'dfc-speed-bench')
+    r = subprocess.run([script, '--shapes', '40x1', '--threads', '1', '--repeats', '1', '--out', str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'latency_ratio' in r.stdout and 'latency_ratio_best' in r.stdout and 'mac_ratio' in r.stdout and out.exists()
+    assert 'load average' in r.stdout and 'legacy_xception_cl_ms' in r.stdout
+    r = subprocess.run([script, '--shapes', '40by1'], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "size x batch" in r.stderr
