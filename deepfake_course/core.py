@@ -219,8 +219,10 @@ class Registry:
         "Decorator: register a class or function under `name` (default: its `__name__`)."
         def _inner(obj):
             key = name or obj.__name__
-            if key in self._items and self._items[key][0] is not obj:
-                raise ConfigError(f"{self.kind} {key!r} is already registered")
+            old = self._items.get(key, (None,))[0]
+            # the same definition run again (a notebook re-running the cell of an exported class) replaces it
+            if old is not None and old is not obj and getattr(old, '__qualname__', None) != getattr(obj, '__qualname__', ''):
+                raise ConfigError(f"{self.kind} {key!r} is already registered (by {old.__module__}.{old.__qualname__})")
             self._items[key] = (obj, meta)
             return obj
         return _inner

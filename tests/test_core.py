@@ -105,3 +105,14 @@ def test_registry_rejects_duplicates():
 def test_device_env(monkeypatch):
     monkeypatch.setenv('DFC_DEVICE', 'cpu')
     assert get_device() == torch.device('cpu')
+
+
+def test_registry_accepts_the_same_definition_again():
+    "A notebook re-running the cell of a class its exported module already registered replaces the entry."
+    r = Registry('thing')
+    @r.register('a')
+    class A: pass
+    first = A
+    @r.register('a')
+    class A: pass   # noqa: F811 -- the same definition, run again
+    assert r.get('a') is A and r.get('a') is not first and len(r) == 1
