@@ -15,7 +15,7 @@ __all__ = ['TEACHER_FILES', 'DIGITS_TEACHER', 'DIGITS_TEACHER_SMOKE', 'DIGITS_TR
 
 # %% ../nbs/09_diffusion.ipynb #b5c47ca5
 import time, math, copy, json, contextlib
-from dataclasses import dataclass, asdict, field, fields
+from dataclasses import dataclass, asdict, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -324,10 +324,9 @@ def build_teacher(name:str, cfg:TeacherConfig, data:str='digits', n:int|None=Non
     return load_teacher(folder)
 
 # %% ../nbs/09_diffusion.ipynb #8e22312e
-DIGITS_TEACHER = TeacherConfig(block_out_channels=(16, 32, 32), attention=True, prediction_type='v_prediction',
-                               lr=2e-3, warmup_steps=100, batch_size=32, steps=2000, ema_decay=0.999)
-DIGITS_TEACHER_SMOKE = TeacherConfig(block_out_channels=(16, 32, 32), attention=True, prediction_type='v_prediction',
-                                     lr=2e-3, warmup_steps=5, batch_size=16, steps=20, ema_decay=0.999)
+DIGITS_TEACHER = TeacherConfig(block_out_channels=(16, 32, 32), attention=False, prediction_type='v_prediction',
+                               lr=1e-3, batch_size=64, steps=2000, ema_decay=0.999)   # the recipe of "Training the digits teacher"
+DIGITS_TEACHER_SMOKE = replace(DIGITS_TEACHER, batch_size=16, steps=20)
 DIGITS_TRAIN = 4000  # digits_tensor's first 4,000 train the teacher; 4,000..4,999 are held out
 
 def digits_teacher(root:str|Path|None=None, full:bool|None=None, force:bool=False, progress:bool=False, on_log=None) -> Teacher:

@@ -251,7 +251,7 @@ def test_warmup_lr_and_on_log():
 
 def test_digits_teacher_recipe_is_the_documented_one():
     assert DIGITS_TEACHER.prediction_type == 'v_prediction' and DIGITS_TEACHER.block_out_channels == (16, 32, 32)
-    assert DIGITS_TEACHER.attention and DIGITS_TEACHER.steps == 2000
+    assert not DIGITS_TEACHER.attention and DIGITS_TEACHER.steps == 2000 and DIGITS_TEACHER.batch_size == 64  # lesson 09's recipe
 
 
 @pytest.fixture(scope='module')
