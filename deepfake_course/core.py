@@ -6,10 +6,10 @@
 __all__ = ['SCALES', 'DFCError', 'ImageFormatError', 'DataError', 'ChecksumError', 'ConfigError', 'MetricError', 'TrainingError',
            'get_device', 'mixed_precision_for', 'autocast', 'seed_everything', 'torch_generator', 'ScalePreset',
            'get_scale', 'in_test', 'budget', 'dfc_home', 'cache_path', 'sha256_file', 'atomic_dir', 'save_json',
-           'load_json', 'gray_to_rgb', 'image_to_tensor', 'tensor_to_image', 'Registry', 'num_params',
+           'load_json', 'JSONConfig', 'gray_to_rgb', 'image_to_tensor', 'tensor_to_image', 'Registry', 'num_params',
            'set_cpu_threads', 'show_images']
 
-# %% ../nbs/00_core.ipynb #ff54e7e8
+# %% ../nbs/00_core.ipynb #2e20d6c6
 import os, random, json, hashlib, shutil, tempfile, contextlib, math
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 import torch
 
-# %% ../nbs/00_core.ipynb #9ba19502
+# %% ../nbs/00_core.ipynb #e64e4489
 class DFCError(Exception):
     "Base class of the errors this library raises on purpose."
 
@@ -40,7 +40,7 @@ class MetricError(DFCError, ValueError):
 class TrainingError(DFCError, RuntimeError):
     "Training cannot go on: a NaN or infinite loss, or a state that cannot be resumed."
 
-# %% ../nbs/00_core.ipynb #acef154f
+# %% ../nbs/00_core.ipynb #fb3f23a1
 def get_device(device:str|torch.device|None=None) -> torch.device:
     "The device to run on: `device`, else `$DFC_DEVICE`, else cuda, then mps, then cpu."
     name = device if device is not None else os.environ.get('DFC_DEVICE') or None
@@ -55,7 +55,7 @@ def get_device(device:str|torch.device|None=None) -> torch.device:
     if hasattr(torch.backends, 'mps') and torch.backends.mps.is_available(): return torch.device('mps')
     return torch.device('cpu')
 
-# %% ../nbs/00_core.ipynb #c9858377
+# %% ../nbs/00_core.ipynb #12a0af41
 def mixed_precision_for(device:torch.device|str) -> str:
     "Accelerate's `mixed_precision` for `device`: 'bf16' on a CUDA GPU that supports it, else 'no'."
     dev = torch.device(device)
@@ -67,7 +67,7 @@ def autocast(device:torch.device|str):
     if mixed_precision_for(dev) == 'bf16': return torch.autocast('cuda', dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
-# %% ../nbs/00_core.ipynb #055e3672
+# %% ../nbs/00_core.ipynb #68d0bfd4
 def seed_everything(seed:int, deterministic:bool=True) -> int:
     "Seed python, numpy and torch (all devices); with `deterministic`, set cuDNN to deterministic kernels."
     if not isinstance(seed, (int, np.integer)) or seed < 0: raise ConfigError(f"seed must be a non-negative int, got {seed!r}")
@@ -86,7 +86,7 @@ def torch_generator(seed:int) -> torch.Generator:
     "A CPU `torch.Generator` seeded with `seed`, for sampling that must not touch the global RNG."
     return torch.Generator().manual_seed(int(seed))
 
-# %% ../nbs/00_core.ipynb #8168a362
+# %% ../nbs/00_core.ipynb #6042f67a
 @dataclass(frozen=True)
 class ScalePreset:
     "Sizes and budgets shared by the lessons at one scale."
@@ -121,7 +121,7 @@ def budget(full, test):
     "`test` under `nbdev_test`, else `full`: lets a lesson shrink its work in CI."
     return test if in_test() else full
 
-# %% ../nbs/00_core.ipynb #b991f656
+# %% ../nbs/00_core.ipynb #8a70b175
 def dfc_home(create:bool=True) -> Path:
     "The cache folder: `$DFC_HOME`, else `$XDG_CACHE_HOME/deepfake_course`, else `~/.cache/deepfake_course`."
     if os.environ.get('DFC_HOME'): home = Path(os.environ['DFC_HOME'])
@@ -136,7 +136,7 @@ def cache_path(*parts:str, create:bool=True) -> Path:
     if create: p.parent.mkdir(parents=True, exist_ok=True)
     return p
 
-# %% ../nbs/00_core.ipynb #87375be0
+# %% ../nbs/00_core.ipynb #06e01676
 def sha256_file(path:str|Path, chunk:int=1<<20) -> str:
     "Hex SHA-256 of a file's bytes."
     h = hashlib.sha256()
@@ -178,7 +178,18 @@ def load_json(path:str|Path) -> Any:
         with open(path) as f: return json.load(f)
     except json.JSONDecodeError as e: raise DataError(f"malformed JSON in {path}: {e}") from e
 
-# %% ../nbs/00_core.ipynb #4652ef8f
+# %% ../nbs/00_core.ipynb #3ba19f1d
+class JSONConfig:
+    "Mixin for dataclass configs stored as JSON: `to_dict()` and `from_dict(d)` (unknown fields raise `ConfigError`)."
+    def to_dict(self) -> dict: return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d:dict):
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown: raise ConfigError(f"{cls.__name__}: unknown fields {sorted(unknown)}")
+        return cls(**d)
+
+# %% ../nbs/00_core.ipynb #85c74c0f
 def gray_to_rgb(img:np.ndarray) -> np.ndarray:
     "Repeat a grayscale `uint8` image (H x W or H x W x 1) into three channels."
     img = np.asarray(img)
@@ -211,7 +222,7 @@ def tensor_to_image(t:torch.Tensor, name:str='tensor') -> np.ndarray:
     x = ((t.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return x.movedim(-3, -1).numpy()
 
-# %% ../nbs/00_core.ipynb #60414833
+# %% ../nbs/00_core.ipynb #33ef843c
 class Registry:
     "Named constructors of one kind (detectors, models, ...), filled with the `register` decorator."
     def __init__(self, kind:str): self.kind, self._items = kind, {}
@@ -237,7 +248,7 @@ class Registry:
     def __len__(self): return len(self._items)
     def __repr__(self): return f"Registry({self.kind!r}: {', '.join(self.names())})"
 
-# %% ../nbs/00_core.ipynb #0c235d51
+# %% ../nbs/00_core.ipynb #48e43963
 def num_params(module:torch.nn.Module, trainable_only:bool=False) -> int:
     "Number of parameters of `module` (only those with `requires_grad` when `trainable_only`)."
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
@@ -248,7 +259,7 @@ def set_cpu_threads(n:int|None=None) -> int:
     torch.set_num_threads(n)
     return n
 
-# %% ../nbs/00_core.ipynb #38cc6117
+# %% ../nbs/00_core.ipynb #396d39af
 def _as_display(img) -> np.ndarray:
     if isinstance(img, torch.Tensor):
         if img.ndim == 2: img = img[None]

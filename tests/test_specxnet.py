@@ -268,3 +268,58 @@ def test_cli_runs(tmp_path):
     assert 'load average' in r.stdout and 'legacy_xception_cl_ms' in r.stdout
     r = subprocess.run([script, '--shapes', '40by1'], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "size x batch" in r.stderr
+
+
+# ---------------------------------------------------------------- DFT as matrix products, sums inside addmm_
+@pytest.mark.parametrize('size', [(10, 10), (18, 18), (6, 8), (1, 6), (30, 30), (26, 28), (25, 27)])
+@pytest.mark.parametrize('limit', [0, 1000])
+def test_fourier_unit_matmul_and_pocketfft_paths_equal_reference(monkeypatch, size, limit):
+    "Both eval fast paths of the FourierUnit (pocketfft + one copy, DFT as matrix products) keep the maths (float64)."
+    import deepfake_course.models.specxnet as sx
+    monkeypatch.setattr(sx, 'DFT_MATMUL_MAX_SIZE', limit)   # 0: always pocketfft; 1000: always matrix products
+    torch.manual_seed(0)
+    fu = randomize_bn(FourierUnit(3, 5)).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    (ref,), (fast,) = both_paths(fu, x)
+    torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_rfft2_matrices_match_torch_fft():
+    from deepfake_course.models.specxnet import rfft2_matrices
+    for H, W in [(4, 6), (5, 7), (18, 18)]:
+        fh, fw, iw, ih = rfft2_matrices(H, W, torch.float64)
+        x = torch.randn(H, W, dtype=torch.float64)
+        v = (fh @ x).view(H, 2, W)
+        X = torch.stack([fw @ v[k].reshape(-1) for k in range(H)]).view(H, W // 2 + 1, 2)
+        torch.testing.assert_close(torch.view_as_complex(X.contiguous()), torch.fft.rfft2(x, norm='ortho'))
+        S = torch.randn(H, W // 2 + 1, 2, dtype=torch.float64)   # not Hermitian: irfft2's convention must match too
+        u = torch.stack([iw @ S[k].reshape(-1) for k in range(H)]).view(H, 2, W)
+        torch.testing.assert_close(ih @ u.reshape(2 * H, W), torch.fft.irfft2(torch.view_as_complex(S), s=(H, W), norm='ortho'))
+
+
+def test_accumulate_pointwise_into_channel_slices():
+    from deepfake_course.models.specxnet import accumulate_pointwise, pixel_matrix
+    out = torch.randn(2, 10, 5, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 12, 5, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)[:, 6:]
+    w = torch.randn(4, 6, 1, 1, dtype=torch.float64)
+    want = out[:, 3:7] + torch.nn.functional.conv2d(x, w)
+    before = out.clone()
+    accumulate_pointwise(out[:, 3:7], x, w)
+    torch.testing.assert_close(out[:, 3:7], want)
+    torch.testing.assert_close(out[:, :3], before[:, :3]); torch.testing.assert_close(out[:, 7:], before[:, 7:])   # only the slice moved
+    assert pixel_matrix(torch.randn(2, 3, 4, 4)) is None   # NCHW has no pixel-matrix view
+    nchw_out = torch.randn(2, 4, 5, 3, dtype=torch.float64)   # falls back to a plain add, same result
+    torch.testing.assert_close(accumulate_pointwise(nchw_out.clone(), x, w), nchw_out + torch.nn.functional.conv2d(x, w))
+
+
+def test_dense_unit_takes_the_accumulating_path_and_keeps_the_maths(monkeypatch):
+    import deepfake_course.models.specxnet as sx
+    calls = []
+    orig = sx.accumulate_pointwise
+    monkeypatch.setattr(sx, 'accumulate_pointwise', lambda *a: calls.append(1) or orig(*a))
+    torch.manual_seed(0)
+    unit = randomize_bn(DDFCUnit(8, 8, 1)).double()
+    x_l, x_g = (t.double().contiguous(memory_format=torch.channels_last) for t in pair(4, 30))
+    ref, fast = both_paths(unit, (x_l, x_g))
+    assert len(calls) == 2   # g2l into Y_l, conv2 into Y_g
+    for a, b in zip(ref, fast): torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)

@@ -20,14 +20,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
 
-from ..core import (ConfigError, DataError, ChecksumError, ImageFormatError, TrainingError, MetricError,
+from ..core import (JSONConfig, ConfigError, DataError, ChecksumError, ImageFormatError, TrainingError, MetricError,
                                   cache_path, atomic_dir, sha256_file, save_json, load_json, seed_everything,
                                   torch_generator, get_device, autocast, num_params)
 from ..diffusion import NFECounter
 
 # %% ../../nbs/11_ign.ipynb #fa95024f
 @dataclass
-class IGNConfig:
+class IGNConfig(JSONConfig):
     "An IGN: the DCGAN encoder-decoder, the loss weights and the optimiser."
     image_size: int = 32
     channels: int = 1
@@ -54,13 +54,6 @@ class IGNConfig:
         if self.distance not in ('l1', 'l2'): raise ConfigError(f"IGNConfig: unknown distance {self.distance!r}; choose 'l1' or 'l2'")
         if self.norm == 'group' and self.width % 8: raise ConfigError(f"IGNConfig: norm='group' needs width divisible by 8, got {self.width}")
         if self.tight_clamp < 0: raise ConfigError(f"IGNConfig: tight_clamp must be >= 0, got {self.tight_clamp}")
-
-    def to_dict(self) -> dict: return json.loads(json.dumps(asdict(self)))
-    @classmethod
-    def from_dict(cls, d:dict) -> 'IGNConfig':
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown: raise ConfigError(f"IGNConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
 
 def _norm(kind:str, c:int) -> nn.Module:
     if kind == 'group': return nn.GroupNorm(8, c)

@@ -7,7 +7,7 @@ __all__ = ['LOSS_KEYS', 'SIGN_FILES', 'denoise', 'Student', 'student_from_teache
            'SIGNConfig', 'idem_weight', 'sign_losses', 'SIGN', 'train_sign', 'save_sign', 'load_sign', 'build_sign',
            'renoise_times', 'vp_renoiser', 'sign_sample']
 
-# %% ../../nbs/12_sign.ipynb #f9928a8b
+# %% ../../nbs/12_sign.ipynb #b5333815
 import math, time, copy, json
 from dataclasses import dataclass, asdict, fields, field
 from pathlib import Path
@@ -19,12 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
 
-from ..core import (ConfigError, DataError, ChecksumError, TrainingError, cache_path, atomic_dir, sha256_file,
+from ..core import (JSONConfig, ConfigError, DataError, ChecksumError, TrainingError, cache_path, atomic_dir, sha256_file,
                                   save_json, load_json, seed_everything, torch_generator, get_device, autocast)
 from ..diffusion import Teacher, predicted_x0, q_sample, diffusion_loss, NFECounter
 from .ign import (distance, frozen_copy, refresh_frozen, check_images, idempotent_sample)
 
-# %% ../../nbs/12_sign.ipynb #e3998295
+# %% ../../nbs/12_sign.ipynb #6b787b60
 def denoise(unet:nn.Module, xt:torch.Tensor, t:torch.Tensor, alphas_cumprod:torch.Tensor, prediction_type:str) -> torch.Tensor:
     "A diffusion network as a denoiser: the predicted clean image from x_t at timesteps t."
     return predicted_x0(unet(xt, t).sample, xt, t, alphas_cumprod, prediction_type)
@@ -50,7 +50,7 @@ def student_from_teacher(teacher:Teacher, t_star:int|None=None) -> Student:
     t_star = len(ac) - 1 if t_star is None else t_star
     return Student(copy.deepcopy(teacher.ema).train().requires_grad_(True), ac, teacher.cfg.prediction_type, t_star)
 
-# %% ../../nbs/12_sign.ipynb #f720daac
+# %% ../../nbs/12_sign.ipynb #e39203d9
 def dmd_loss(x:torch.Tensor, real_unet:nn.Module, fake_unet:nn.Module, alphas_cumprod:torch.Tensor, prediction_type:str,
              t:torch.Tensor, eps:torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     "DMD2's distribution-matching surrogate on generated `x` at timesteps `t` with noise `eps`; returns (loss, g)."
@@ -70,7 +70,7 @@ def ddim_step(unet:nn.Module, xt:torch.Tensor, t:torch.Tensor, t_prev:torch.Tens
     eps = (xt - a.sqrt() * x0) / (1 - a).sqrt().clamp_min(1e-8)
     return a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * eps
 
-# %% ../../nbs/12_sign.ipynb #7725f75d
+# %% ../../nbs/12_sign.ipynb #07b10b48
 @torch.no_grad()
 def teacher_pairs(teacher:Teacher, n:int, num_steps:int=50, batch_size:int=64, seed:int=0, device=None, progress:bool=False) -> tuple[torch.Tensor, torch.Tensor, dict]:
     "`n` (noise, DDIM-`num_steps` teacher sample) pairs; returns z, x (N x C x H x W) and info with NFE and seconds."
@@ -93,9 +93,9 @@ def teacher_pairs(teacher:Teacher, n:int, num_steps:int=50, batch_size:int=64, s
                 seconds=seconds, seconds_per_nfe=seconds / max(counter.nfe, 1))
     return torch.cat(zs), torch.cat(xs), info
 
-# %% ../../nbs/12_sign.ipynb #8944d472
+# %% ../../nbs/12_sign.ipynb #ba34eecc
 @dataclass
-class SIGNConfig:
+class SIGNConfig(JSONConfig):
     "SIGN-lite (a reconstruction): loss weights, schedules and optimiser for distilling a teacher into an idempotent student."
     t_star: int = 999
     lambda_rec: float = 1.0
@@ -122,13 +122,6 @@ class SIGNConfig:
         if not 0 <= self.idem_ramp <= 1: raise ConfigError(f"SIGNConfig: idem_ramp must be a fraction in [0, 1], got {self.idem_ramp}")
         if self.flow_t[0] - self.flow_dt < 0: raise ConfigError(f"SIGNConfig: flow_t starts at {self.flow_t[0]}, below flow_dt={self.flow_dt}")
         if self.n_pairs < self.batch_size: raise ConfigError(f"SIGNConfig: n_pairs={self.n_pairs} is smaller than batch_size={self.batch_size}")
-
-    def to_dict(self) -> dict: return json.loads(json.dumps(asdict(self)))
-    @classmethod
-    def from_dict(cls, d:dict) -> 'SIGNConfig':
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown: raise ConfigError(f"SIGNConfig: unknown fields {sorted(unknown)}")
-        return cls(**d)
 
 def idem_weight(cfg:SIGNConfig, step:int) -> float:
     "lambda_idem at `step`: a linear ramp from 0 over the first `idem_ramp` of the steps, then constant."
@@ -163,7 +156,7 @@ def sign_losses(f:nn.Module, f_copy:nn.Module, teacher_unet:nn.Module, fake_unet
             + cfg.lambda_flow * flow + cfg.lambda_denoise * den)
     return dict(loss=loss, rec=rec, idem=idem, dmd=dmd, reg=reg, flow=flow, denoise=den, w_idem=w_idem, fz=fz)
 
-# %% ../../nbs/12_sign.ipynb #436d638c
+# %% ../../nbs/12_sign.ipynb #e5a0a445
 @dataclass
 class SIGN:
     "A distilled SIGN-lite student, its config, the teacher pairs it regressed on and the training record."
@@ -218,7 +211,7 @@ def train_sign(cfg:SIGNConfig, teacher:Teacher, images:torch.Tensor, device=None
                 dict(steps=cfg.steps, seconds=time.time() - t1, pair_seconds=pair_seconds, data=data_name, n_images=len(images),
                      device=str(device), teacher=dict(config=tc.to_dict(), info=teacher.info)))
 
-# %% ../../nbs/12_sign.ipynb #f125fb46
+# %% ../../nbs/12_sign.ipynb #19df5f08
 SIGN_FILES = ('student.safetensors', 'pairs.safetensors')
 
 def save_sign(sign:SIGN, folder:str|Path, overwrite:bool=False) -> Path:
@@ -260,7 +253,7 @@ def build_sign(name:str, cfg:SIGNConfig, teacher:Teacher, images:torch.Tensor, d
     save_sign(s, folder, overwrite=True)
     return load_sign(folder, teacher)
 
-# %% ../../nbs/12_sign.ipynb #e7a28d53
+# %% ../../nbs/12_sign.ipynb #226caf2a
 def renoise_times(steps:int, t_max:int) -> list[int]:
     "The re-noising timesteps of a `steps`-step sample: `steps - 1` values from `t_max` down (evenly spaced)."
     if steps <= 1: return []
