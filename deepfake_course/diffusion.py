@@ -8,11 +8,11 @@ __all__ = ['TEACHER_FILES', 'DIGITS_TEACHER', 'DIGITS_TEACHER_SMOKE', 'DIGITS_TR
            'q_sample', 'v_target', 'x0_from_eps', 'x0_from_v', 'predicted_x0', 'diffusion_loss', 'TeacherConfig',
            'make_unet', 'make_scheduler', 'EMA', 'Teacher', 'train_teacher', 'NFECounter', 'sample', 'per_1000_samples',
            'save_teacher', 'verify_teacher', 'load_teacher', 'teacher_data', 'build_teacher', 'course_teacher',
-           'digits_teacher', 'FeatureNet', 'LocalFeature', 'train_feature_net', 'local_fid_kid', 'class_histogram',
-           'TinySDConfig', 'SDComponents', 'sd_scheduler', 'make_tiny_sd', 'save_sd_components', 'load_sd_components',
-           'faces_teacher', 'face_nonface_tensor', 'embedded_real_images', 'train_tiny_vae', 'latent_scaling_factor',
-           'train_tiny_sd_unet', 'verify_tiny_sd', 'build_tiny_sd', 'vae_reconstruct', 'sdedit', 'sd_sample',
-           'build_diffusion_families']
+           'digits_teacher', 'FeatureNet', 'LocalFeature', 'train_feature_net', 'fid_kid', 'local_fid_kid',
+           'class_histogram', 'InceptionFeature', 'inception_fid_kid', 'TinySDConfig', 'SDComponents', 'sd_scheduler',
+           'make_tiny_sd', 'save_sd_components', 'load_sd_components', 'faces_teacher', 'face_nonface_tensor',
+           'embedded_real_images', 'train_tiny_vae', 'latent_scaling_factor', 'train_tiny_sd_unet', 'verify_tiny_sd',
+           'build_tiny_sd', 'vae_reconstruct', 'sdedit', 'sd_sample', 'build_diffusion_families']
 
 # %% ../nbs/09_diffusion.ipynb #cb2e2cee
 import time, math, copy, json, contextlib, warnings
@@ -27,7 +27,7 @@ from PIL import Image
 from safetensors.torch import save_file, load_file
 from diffusers import UNet2DModel, DDPMScheduler, DDIMScheduler
 
-from .core import (JSONConfig, ConfigError, DataError, ChecksumError, TrainingError, MetricError, cache_path, atomic_dir,
+from .core import (JSONConfig, ConfigError, DataError, ChecksumError, TrainingError, MetricError, ImageFormatError, cache_path, atomic_dir,
                                   sha256_file, save_json, load_json, seed_everything, torch_generator, get_device, num_params)
 from .data.sources import mnist, lfw_faces
 
@@ -336,7 +336,7 @@ def digits_teacher(root:str|Path|None=None, full:bool|None=None, force:bool=Fals
     "The course's MNIST teacher (cached, checksummed): full recipe `DIGITS_TEACHER`, or `DIGITS_TEACHER_SMOKE` under nbdev_test (or `full=False`)."
     return course_teacher('digits', (DIGITS_TEACHER, DIGITS_TRAIN, DIGITS_TEACHER_SMOKE, 512), root, full, force, progress, on_log)
 
-# %% ../nbs/09_diffusion.ipynb #3d2d7659
+# %% ../nbs/09_diffusion.ipynb #201d4694
 class FeatureNet(nn.Module):
     "A small CNN classifier; `features(x)` (the penultimate layer) is the feature space of the local FID/KID."
     def __init__(self, in_channels:int=1, num_classes:int=10, width:int=32, num_features:int=64):
@@ -375,26 +375,32 @@ def train_feature_net(images:torch.Tensor, labels:torch.Tensor, steps:int=300, b
     with torch.no_grad(): acc = (net(images[val]).argmax(1) == labels[val]).float().mean().item() if n_val else float('nan')
     return net, dict(val_accuracy=acc, n_train=len(tr), n_val=n_val, steps=steps)
 
-def local_fid_kid(real:torch.Tensor, fake:torch.Tensor, feature_net:FeatureNet, subset_size:int|None=None,
-                  subsets:int=50, seed:int=0) -> dict:
-    "Local FID and KID of `fake` against `real` (N x C x H x W in [-1, 1]) in `feature_net`'s feature space."
+def fid_kid(real:torch.Tensor, fake:torch.Tensor, feature:nn.Module, subset_size:int|None=None, subsets:int=50,
+            seed:int=0) -> dict:
+    "FID and KID of `fake` against `real` (N x C x H x W in [-1, 1]) in the space of `feature` (an nn.Module with `num_features`)."
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
     if real.shape[1:] != fake.shape[1:]: raise MetricError(f"real {tuple(real.shape)} and fake {tuple(fake.shape)} images differ in shape")
     if min(len(real), len(fake)) < 2: raise MetricError(f"need at least 2 real and 2 fake images, got {len(real)} and {len(fake)}")
     subset_size = min(subset_size or 1000, len(real), len(fake))
-    feat = LocalFeature(feature_net)
-    fid = FrechetInceptionDistance(feature=feat, normalize=True)
-    with warnings.catch_warnings():   # torchmetrics warns that KID keeps every feature: ours are a few thousand 64-d vectors
+    fid = FrechetInceptionDistance(feature=feature, normalize=True)
+    with warnings.catch_warnings():   # torchmetrics warns that KID keeps every feature: ours are a few thousand vectors
         warnings.filterwarnings('ignore', message='Metric `Kernel Inception Distance` will save all extracted features')
-        kid = KernelInceptionDistance(feature=feat, subsets=subsets, subset_size=subset_size, normalize=True)
+        kid = KernelInceptionDistance(feature=feature, subsets=subsets, subset_size=subset_size, normalize=True)
     for m in (fid, kid):
         for b in real.split(256): m.update(b, real=True)
         for b in fake.split(256): m.update(b, real=False)
     torch.manual_seed(seed)  # KID draws its subsets with the global RNG
     kid_mean, kid_std = kid.compute()
-    return dict(fid_local=float(fid.compute()), kid_local=float(kid_mean), kid_local_std=float(kid_std),
+    return dict(fid=float(fid.compute()), kid=float(kid_mean), kid_std=float(kid_std),
                 n_real=len(real), n_fake=len(fake), subset_size=subset_size)
+
+def local_fid_kid(real:torch.Tensor, fake:torch.Tensor, feature_net:FeatureNet, subset_size:int|None=None,
+                  subsets:int=50, seed:int=0) -> dict:
+    "Local FID and KID of `fake` against `real` (N x C x H x W in [-1, 1]) in `feature_net`'s feature space."
+    r = fid_kid(real, fake, LocalFeature(feature_net), subset_size, subsets, seed)
+    return dict(fid_local=r['fid'], kid_local=r['kid'], kid_local_std=r['kid_std'],
+                n_real=r['n_real'], n_fake=r['n_fake'], subset_size=r['subset_size'])
 
 @torch.no_grad()
 def class_histogram(images:torch.Tensor, classifier:nn.Module, num_classes:int|None=None) -> dict:
@@ -405,6 +411,31 @@ def class_histogram(images:torch.Tensor, classifier:nn.Module, num_classes:int|N
     p = counts / counts.sum()
     ent = float(-(p[p > 0] * np.log(p[p > 0])).sum())
     return dict(counts=counts.tolist(), entropy=ent, max_entropy=float(np.log(k)), classes_covered=int((counts > 0).sum()))
+
+# %% ../nbs/09_diffusion.ipynb #9a3818d1
+class InceptionFeature(nn.Module):
+    "torch-fidelity's FID Inception-v3 (pool3, 2,048-d) from a local weights file, on images in [-1, 1]."
+    num_features = 2048
+    def __init__(self, weights_path:str|Path):
+        super().__init__()
+        weights_path = Path(weights_path)
+        if not weights_path.is_file():
+            raise DataError(f"Inception weights not found: {weights_path} (fetch pt_inception-2015-12-05-6726825d.pth where "
+                            "there is internet and pass its path; nothing is downloaded here)")
+        try: from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+        except ImportError as e: raise ConfigError("Inception FID needs torch-fidelity (pip install torch-fidelity)") from e
+        self.net = FeatureExtractorInceptionV3('inception-v3-compat', ['2048'], feature_extractor_weights_path=str(weights_path)).eval()
+
+    @torch.no_grad()
+    def forward(self, x):
+        if x.shape[1] not in (1, 3): raise ImageFormatError(f"Inception FID needs 1- or 3-channel images, got shape {tuple(x.shape)}")
+        x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        return self.net(x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x)[0]
+
+def inception_fid_kid(real:torch.Tensor, fake:torch.Tensor, weights_path:str|Path, subset_size:int|None=None,
+                      subsets:int=50, seed:int=0) -> dict:
+    "FID and KID in the published Inception-v3 feature space, from local weights (`weights_path`); images N x C x H x W in [-1, 1]."
+    return fid_kid(real, fake, InceptionFeature(weights_path), subset_size, subsets, seed)
 
 # %% ../nbs/09_diffusion.ipynb #3dccead1
 SD15_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule='scaled_linear', beta_start=0.00085, beta_end=0.012,

@@ -1,5 +1,6 @@
 "Diffusion foundations (lesson 09): NFE counts, forward-process maths, the cached teacher, local FID/KID, the SD loader."
 import json
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -303,3 +304,24 @@ def test_diffusion_families_add_on(tiny_build, tiny_sd_folder, tmp_path):
                               for v in json.loads((tiny_build / 'faces.json').read_text())['DFC_faces']['DFC-real'][sp])}
     fam = json.loads((a / 'faces_diffusion.json').read_text())['DFC_faces_diffusion']['DFC-vae']
     assert all(base['real_' + v[len('vae_'):]] == sp for sp in fam for v in fam[sp])
+
+
+def test_inception_fid_loads_local_weights_and_never_downloads(tmp_path, monkeypatch):
+    "The published-metric path reads a local weights file (here a randomly initialised one the test saves) and scores."
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+    from deepfake_course.diffusion import inception_fid_kid, InceptionFeature
+    with monkeypatch.context() as m:   # build the architecture without its weights, to save a random weights file
+        m.setattr(fe, 'load_state_dict_from_url', lambda *a, **k: None)
+        m.setattr(fe.FeatureExtractorInceptionV3, 'load_state_dict', lambda self, sd, strict=True: None)
+        net = fe.FeatureExtractorInceptionV3('inception-v3-compat', ['2048'])
+    torch.manual_seed(0)
+    weights = net.state_dict()   # PyTorch's default initialisation, BN statistics 0 / 1
+    torch.save(weights, tmp_path / 'inception.pth')
+    monkeypatch.setattr(fe, 'load_state_dict_from_url', lambda *a, **k: pytest.fail('tried to download Inception weights'))
+    feat = InceptionFeature(tmp_path / 'inception.pth')
+    for a, b in zip(feat.net.state_dict().values(), weights.values()): assert torch.equal(a, b)
+    real, fake = torch.rand(4, 1, 32, 32) * 2 - 1, torch.rand(4, 1, 32, 32) * 2 - 1
+    r = inception_fid_kid(real, (fake * 0.2 + 0.6).clamp(-1, 1), tmp_path / 'inception.pth', subset_size=3, subsets=2)
+    assert r['fid'] > 0 and np.isfinite(r['fid']) and np.isfinite(r['kid']) and (r['n_real'], r['n_fake']) == (4, 4)
+    with pytest.raises(Exception, match='1- or 3-channel'):
+        inception_fid_kid(torch.zeros(2, 2, 8, 8), torch.zeros(2, 2, 8, 8), tmp_path / 'inception.pth')
