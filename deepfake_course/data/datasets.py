@@ -6,7 +6,7 @@
 __all__ = ['LABEL_DICT', 'SPLITS', 'write_png', 'read_image', 'register_label', 'family_of', 'write_deepfakebench_json',
            'read_deepfakebench_json', 'DeepfakeDataset']
 
-# %% ../../nbs/03_datasets.ipynb #07c85385
+# %% ../../nbs/03_datasets.ipynb #00b88a5f
 import math, warnings
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -20,7 +20,7 @@ from torchvision.transforms import v2
 
 from ..core import DataError, ConfigError, ImageFormatError, save_json, load_json
 
-# %% ../../nbs/03_datasets.ipynb #3c376ce8
+# %% ../../nbs/03_datasets.ipynb #04476f96
 def write_png(path:str|Path, img:np.ndarray) -> Path:
     "Write a `uint8` H x W (gray) or H x W x 3 (RGB) array as a PNG; the bytes depend only on the array."
     img = np.asarray(img)
@@ -49,7 +49,7 @@ def read_image(path:str|Path, mode:str='RGB') -> np.ndarray:
         raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
     return arr
 
-# %% ../../nbs/03_datasets.ipynb #c7882ab2
+# %% ../../nbs/03_datasets.ipynb #f822dd03
 LABEL_DICT = {
     # FaceForensics++ (Rossler et al. 2019) and its extensions
     'FF-real': 0, 'FF-DF': 1, 'FF-F2F': 1, 'FF-FS': 1, 'FF-NT': 1, 'FF-FH': 1, 'FF-SH': 1,
@@ -75,7 +75,7 @@ def family_of(label_name:str) -> str:
     if LABEL_DICT.get(label_name) == 0: return 'real'
     return label_name[4:] if label_name.startswith('DFC-') else label_name
 
-# %% ../../nbs/03_datasets.ipynb #bd6767da
+# %% ../../nbs/03_datasets.ipynb #5e4373f1
 _ALIGNED = ('masks', 'sources', 'targets', 'landmarks')
 
 def _relpath(p, base:Path) -> str:
@@ -135,7 +135,7 @@ def read_deepfakebench_json(path:str|Path) -> list[dict]:
                         out.append(e)
     return out
 
-# %% ../../nbs/03_datasets.ipynb #c2bf5088
+# %% ../../nbs/03_datasets.ipynb #99ee0600
 def _to_float(img:torch.Tensor) -> torch.Tensor:
     return img.float().div(127.5).sub(1.0)
 
