@@ -4,15 +4,16 @@
 
 # %% auto #0
 __all__ = ['TEACHER_FILES', 'DIGITS_TEACHER', 'DIGITS_TEACHER_SMOKE', 'DIGITS_TRAIN', 'SD15_SCHEDULE', 'PROMPT_FILE',
-           'FACES_TEACHER', 'FACES_TEACHER_SMOKE', 'FACES_TRAIN', 'SD_RECORD', 'digits_tensor', 'faces_tensor',
-           'q_sample', 'v_target', 'x0_from_eps', 'x0_from_v', 'predicted_x0', 'diffusion_loss', 'TeacherConfig',
-           'make_unet', 'make_scheduler', 'EMA', 'Teacher', 'train_teacher', 'NFECounter', 'sample', 'per_1000_samples',
-           'save_teacher', 'verify_teacher', 'load_teacher', 'teacher_data', 'build_teacher', 'course_teacher',
-           'digits_teacher', 'FeatureNet', 'LocalFeature', 'train_feature_net', 'fid_kid', 'local_fid_kid',
-           'class_histogram', 'InceptionFeature', 'inception_fid_kid', 'TinySDConfig', 'SDComponents', 'sd_scheduler',
-           'make_tiny_sd', 'save_sd_components', 'load_sd_components', 'faces_teacher', 'face_nonface_tensor',
-           'embedded_real_images', 'train_tiny_vae', 'latent_scaling_factor', 'train_tiny_sd_unet', 'verify_tiny_sd',
-           'build_tiny_sd', 'vae_reconstruct', 'sdedit', 'sd_sample', 'build_diffusion_families']
+           'FACES_TEACHER', 'FACES_TEACHER_SMOKE', 'FACES_TRAIN', 'SD_RECORD', 'digits_tensor', 'gray_tensor',
+           'faces_tensor', 'q_sample', 'v_target', 'x0_from_eps', 'x0_from_v', 'predicted_x0', 'diffusion_loss',
+           'TeacherConfig', 'make_unet', 'make_scheduler', 'EMA', 'Teacher', 'train_teacher', 'NFECounter', 'sample',
+           'per_1000_samples', 'save_teacher', 'verify_teacher', 'load_teacher', 'teacher_data', 'build_teacher',
+           'course_teacher', 'digits_teacher', 'FeatureNet', 'LocalFeature', 'train_feature_net', 'fid_kid',
+           'local_fid_kid', 'class_histogram', 'InceptionFeature', 'inception_fid_kid', 'TinySDConfig', 'SDComponents',
+           'sd_scheduler', 'make_tiny_sd', 'save_sd_components', 'load_sd_components', 'faces_teacher',
+           'face_nonface_tensor', 'embedded_real_images', 'train_tiny_vae', 'latent_scaling_factor',
+           'train_tiny_sd_unet', 'verify_tiny_sd', 'build_tiny_sd', 'vae_reconstruct', 'sdedit', 'sd_sample',
+           'build_diffusion_families']
 
 # %% ../nbs/09_diffusion.ipynb #cb2e2cee
 import time, math, copy, json, contextlib, warnings
@@ -43,10 +44,14 @@ def digits_tensor(n:int=5000, size:int=32, seed:int=0) -> tuple[torch.Tensor, to
     x = F.pad(x, (p // 2, p - p // 2, p // 2, p - p // 2), value=-1.0)
     return x, torch.tensor([r.extra['digit'] for r in imgs])
 
+def gray_tensor(images, size:int) -> torch.Tensor:
+    "`uint8` grayscale H x W arrays resized to `size` x `size` (bicubic), as N x 1 x size x size in [-1, 1]."
+    imgs = [np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC)) for a in images]
+    return torch.from_numpy(np.stack(imgs)).float().div(127.5).sub(1)[:, None]
+
 def faces_tensor(n:int=100, size:int=32) -> torch.Tensor:
     "The first `n` LFW faces (scikit-image) resized to `size` x `size` (bicubic), as N x 1 x size x size in [-1, 1]."
-    imgs = [np.asarray(Image.fromarray(r.image).resize((size, size), Image.BICUBIC)) for r in lfw_faces(n)]
-    return torch.from_numpy(np.stack(imgs)).float().div(127.5).sub(1)[:, None]
+    return gray_tensor([r.image for r in lfw_faces(n)], size)
 
 # %% ../nbs/09_diffusion.ipynb #ca8e6eeb
 def _at(ac:torch.Tensor, t:torch.Tensor, x:torch.Tensor) -> torch.Tensor:
@@ -550,11 +555,7 @@ def face_nonface_tensor(size:int=32) -> tuple[torch.Tensor, torch.Tensor]:
     import skimage.data
     lfw = skimage.data.lfw_subset()
     if len(lfw) != 200: raise DataError(f"skimage.data.lfw_subset(): expected 100 faces + 100 non-faces, got {len(lfw)} images")
-    def resized(a):
-        a = np.asarray(a)
-        if a.dtype != np.uint8: a = (a * 255).round().astype(np.uint8)   # scikit-image gives floats in [0, 1]
-        return np.asarray(Image.fromarray(a).resize((size, size), Image.BICUBIC))
-    x = torch.from_numpy(np.stack([resized(a) for a in lfw])).float().div(127.5).sub(1)[:, None]
+    x = gray_tensor((np.asarray(lfw) * 255).round().astype(np.uint8), size)   # scikit-image gives floats in [0, 1]
     return x, torch.cat([torch.ones(100, dtype=torch.long), torch.zeros(100, dtype=torch.long)])
 
 # %% ../nbs/09_diffusion.ipynb #2b4582a6

@@ -355,23 +355,16 @@ class DDFC(FastPathMixin, nn.Module):
         else:   # depthwise: two depthwise convolutions (stacking them gives 2 outputs per group, a slow oneDNN case)
             y_l = conv(self.conv_l2l, x_l, bn_l, True)
             y_g = conv(self.conv_l2g, x_l, bn_g, True)
-        if (x_g is not None and self._g2l_fuses_with_spectral() and y_l.shape[-2:] == x_g.shape[-2:]
-                and pixel_matrix(y_l) is not None):
-            # dense stride-1 1 x 1 unit: g2l and conv2 add their products into y_l and y_g inside the matrix products
+        if x_g is not None and self._g2l_fuses_with_spectral():
+            # dense stride-1 1 x 1 unit (maps keep their size): g2l and conv2 add their products into y_l and y_g,
+            # inside the matrix products on channels-last maps
             st, m = self.conv_g2g, self.conv_g2l
             w_g2l, _ = self._cached(f'{id(m)}', (m.weight, *bn_tensors(bn_l)), lambda: fold_conv_bn(m.weight, bn_l))
             accumulate_pointwise(y_l, x_g, w_g2l)
             st.from_hidden(F.relu(conv_fast(x_g, *st.folded_conv1()), inplace=True), out_bn=bn_g, out=y_g)
             return y_l, y_g
         if x_g is not None:
-            if self._g2l_fuses_with_spectral():   # g2l and the ST's first 1x1 conv both read X_g: one convolution
-                st = self.conv_g2g; conv1, bn1, _ = st.conv1
-                w, b = self._cached('g2l+st1', (self.conv_g2l.weight, *bn_tensors(bn_l), conv1.weight, *bn_tensors(bn1)),
-                                    lambda: stack_folds((self.conv_g2l.weight, bn_l, False), (conv1.weight, bn1, True)))
-                z = conv_fast(x_g, w, b)
-                g2l, spectral = z[:, :ol], st.from_hidden(F.relu(z[:, ol:]), out_bn=bn_g)
-            else:
-                g2l, spectral = conv(self.conv_g2l, x_g, bn_l), self.conv_g2g(x_g, out_bn=bn_g)
+            g2l, spectral = conv(self.conv_g2l, x_g, bn_l), self.conv_g2g(x_g, out_bn=bn_g)
             a, b = match_size(y_l, g2l); y_l = a + b
             a, b = match_size(y_g, spectral); y_g = a + b
         else:   # zeros: g2l(0) = 0, and ST(0) is the same map for every sample in eval mode
@@ -379,7 +372,7 @@ class DDFC(FastPathMixin, nn.Module):
         return y_l, y_g
 
     def _g2l_fuses_with_spectral(self):
-        "True when g2l is a dense, stride-1 1 x 1 conv, so that it and the ST's conv1 (after an identity pool) can share one call."
+        "True when g2l is a dense, stride-1 1 x 1 conv and the ST does not pool (eval mode): both then add into the unit's outputs in place."
         m = self.conv_g2l
         return (m.groups == 1 and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0)
                 and isinstance(self.conv_g2g.downsample, nn.Identity) and not self.conv_g2g.training)
