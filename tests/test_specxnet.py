@@ -271,17 +271,38 @@ def test_cli_runs(tmp_path):
 
 
 # ---------------------------------------------------------------- DFT as matrix products, sums inside addmm_
-@pytest.mark.parametrize('size', [(10, 10), (18, 18), (6, 8), (1, 6), (30, 30), (26, 28), (25, 27)])
-@pytest.mark.parametrize('limit', [0, 1000])
-def test_fourier_unit_matmul_and_pocketfft_paths_equal_reference(monkeypatch, size, limit):
-    "Both eval fast paths of the FourierUnit (pocketfft + one copy, DFT as matrix products) keep the maths (float64)."
+ROUTES = {'pocketfft': (0, 0), 'matmul': (1000, 0), 'radix2': (0, 1000)}   # (DFT_MATMUL_MAX_SIZE, DFT_RADIX2_MAX_SIZE)
+
+@pytest.mark.parametrize('size', [(10, 10), (18, 18), (6, 8), (1, 6), (30, 30), (26, 28), (25, 27), (74, 74), (146, 146)])
+@pytest.mark.parametrize('route', ROUTES)
+def test_fourier_unit_fast_paths_equal_reference(monkeypatch, size, route):
+    """Every eval fast path of the FourierUnit (pocketfft + one copy, DFT as matrix products, W first + radix-2 along H)
+    keeps the maths (float64); odd sizes are padded to even first, and a height of 1 falls back to pocketfft."""
     import deepfake_course.models.specxnet as sx
-    monkeypatch.setattr(sx, 'DFT_MATMUL_MAX_SIZE', limit)   # 0: always pocketfft; 1000: always matrix products
+    for name, limit in zip(('DFT_MATMUL_MAX_SIZE', 'DFT_RADIX2_MAX_SIZE'), ROUTES[route]): monkeypatch.setattr(sx, name, limit)
     torch.manual_seed(0)
     fu = randomize_bn(FourierUnit(3, 5)).double()
     x = torch.randn(2, 3, *size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     (ref,), (fast,) = both_paths(fu, x)
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_fourier_unit_routes_by_size(monkeypatch):
+    "At 299 x 299 the DFTs are matrix products: plain up to 24 px, radix-2 on the 146, 74 and 36 px maps, no FFT call."
+    import deepfake_course.models.specxnet as sx
+    calls = []
+    for name in ('fourier_unit_matmul', 'fourier_unit_radix2'):
+        monkeypatch.setattr(sx, name, (lambda f, n: lambda x, *a: calls.append((n, x.shape[-1])) or f(x, *a))(getattr(sx, name), name))
+    fu = randomize_bn(FourierUnit(2, 2)).eval()
+    with torch.inference_mode():
+        for n in (18, 24, 36, 74, 146, 162): fu(torch.randn(1, 2, n, n).contiguous(memory_format=torch.channels_last))
+    assert calls == [('fourier_unit_matmul', 18), ('fourier_unit_matmul', 24), ('fourier_unit_radix2', 36),
+                     ('fourier_unit_radix2', 74), ('fourier_unit_radix2', 146)]   # 162 > DFT_RADIX2_MAX_SIZE: pocketfft
+
+
+def test_radix2_matrices_need_even_height():
+    from deepfake_course.models.specxnet import radix2_matrices
+    with pytest.raises(ValueError, match='even height'): radix2_matrices(7, 8)
 
 
 def test_rfft2_matrices_match_torch_fft():
