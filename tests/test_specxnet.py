@@ -300,6 +300,23 @@ def test_fourier_unit_routes_by_size(monkeypatch):
                      ('fourier_unit_radix2', 74), ('fourier_unit_radix2', 146)]   # 162 > DFT_RADIX2_MAX_SIZE: pocketfft
 
 
+@pytest.mark.parametrize('route', ROUTES)
+def test_fourier_unit_fast_paths_input_gradients(monkeypatch, route):
+    "In eval mode with autograd on (saliency, attacks), every fast route gives the reference path's input gradient."
+    import deepfake_course.models.specxnet as sx
+    for name, limit in zip(('DFT_MATMUL_MAX_SIZE', 'DFT_RADIX2_MAX_SIZE'), ROUTES[route]): monkeypatch.setattr(sx, name, limit)
+    torch.manual_seed(0)
+    fu = randomize_bn(FourierUnit(3, 4)).double().eval()
+    x = torch.randn(2, 3, 30, 26, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    grads = []
+    for fast in (False, True):
+        fu.fast = fast
+        xg = x.clone().requires_grad_()
+        fu(xg).square().sum().backward()
+        grads.append(xg.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-9, atol=1e-9)
+
+
 def test_radix2_matrices_need_even_height():
     from deepfake_course.models.specxnet import radix2_matrices
     with pytest.raises(ValueError, match='even height'): radix2_matrices(7, 8)

@@ -205,15 +205,20 @@ def fourier_unit_radix2(x:torch.Tensor, weight_qc:torch.Tensor, bias_qc:torch.Te
     if not xl.is_contiguous(): xl = xl.contiguous()
     v = torch.matmul(fw, xl.view(B * H, W, C))                                              # (b h) x (k2, q) x c
     v = v.view(B, M, 2, Wf, 2, C).permute(2, 0, 3, 1, 4, 5).contiguous().view(2, B * Wf, 2 * M, C)   # r x (b k2) x (m, q) x c
-    y = torch.empty_like(v)                                                                  # s x (b k2) x (k, p) x c
-    torch.matmul(fh2[0], v[0], out=y[0]); odd = torch.matmul(fh2[1], v[1])                 # even rows' DFT, odd rows' (twiddled)
-    torch.sub(y[0], odd, out=y[1]); y[0].add_(odd)                                          # k1 = k and k1 = k + M
-    del v, odd
-    r = torch.addmm(bias_qc, y.view(-1, 2 * C), weight_qc).relu_().view(2, B * Wf, 2 * M, Co)   # rows (s b k2 k), cols (p, o)
-    del y
-    z = torch.empty_like(r)
-    torch.add(r[0], r[1], out=z[1]); r[0].sub_(r[1])                                        # what even / odd output rows see
-    torch.matmul(ih2[0], z[1], out=z[0]); torch.matmul(ih2[1], r[0], out=z[1])             # r x (b k2) x (m, p) x o
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight_qc, bias_qc)):   # autograd: no out= or in-place
+        even, odd = torch.matmul(fh2[0], v[0]), torch.matmul(fh2[1], v[1])
+        r = torch.addmm(bias_qc, torch.stack([even + odd, even - odd]).view(-1, 2 * C), weight_qc).relu().view(2, B * Wf, 2 * M, Co)
+        z = torch.stack([torch.matmul(ih2[0], r[0] + r[1]), torch.matmul(ih2[1], r[0] - r[1])])
+    else:   # inference: the butterflies write into preallocated halves
+        y = torch.empty_like(v)                                                              # s x (b k2) x (k, p) x c
+        torch.matmul(fh2[0], v[0], out=y[0]); odd = torch.matmul(fh2[1], v[1])             # even rows' DFT, odd rows' (twiddled)
+        torch.sub(y[0], odd, out=y[1]); y[0].add_(odd)                                      # k1 = k and k1 = k + M
+        del v, odd
+        r = torch.addmm(bias_qc, y.view(-1, 2 * C), weight_qc).relu_().view(2, B * Wf, 2 * M, Co)   # rows (s b k2 k), cols (p, o)
+        del y
+        z = torch.empty_like(r)
+        torch.add(r[0], r[1], out=z[1]); r[0].sub_(r[1])                                    # what even / odd output rows see
+        torch.matmul(ih2[0], z[1], out=z[0]); torch.matmul(ih2[1], r[0], out=z[1])         # r x (b k2) x (m, p) x o
     z = z.view(2, B, Wf, M, 2, Co).permute(1, 3, 0, 2, 4, 5).contiguous()                  # b x (m, r) = h x (k2, p) x o
     out = torch.matmul(iw, z.view(B * H, 2 * Wf, Co))                                       # (b h) x w x o
     return out.view(B, H, W, Co).permute(0, 3, 1, 2)
