@@ -273,13 +273,17 @@ def test_cli_runs(tmp_path):
 # ---------------------------------------------------------------- DFT as matrix products, sums inside addmm_
 ROUTES = {'pocketfft': (0, 0), 'matmul': (1000, 0), 'radix2': (0, 1000)}   # (DFT_MATMUL_MAX_SIZE, DFT_RADIX2_MAX_SIZE)
 
+def use_route(monkeypatch, route):
+    "Force every FourierUnit onto one eval fast route by setting the two size limits."
+    import deepfake_course.models.specxnet as sx
+    for name, limit in zip(('DFT_MATMUL_MAX_SIZE', 'DFT_RADIX2_MAX_SIZE'), ROUTES[route]): monkeypatch.setattr(sx, name, limit)
+
 @pytest.mark.parametrize('size', [(10, 10), (18, 18), (6, 8), (1, 6), (30, 30), (26, 28), (25, 27), (74, 74), (146, 146)])
 @pytest.mark.parametrize('route', ROUTES)
 def test_fourier_unit_fast_paths_equal_reference(monkeypatch, size, route):
     """Every eval fast path of the FourierUnit (pocketfft + one copy, DFT as matrix products, W first + radix-2 along H)
     keeps the maths (float64); odd sizes are padded to even first, and a height of 1 falls back to pocketfft."""
-    import deepfake_course.models.specxnet as sx
-    for name, limit in zip(('DFT_MATMUL_MAX_SIZE', 'DFT_RADIX2_MAX_SIZE'), ROUTES[route]): monkeypatch.setattr(sx, name, limit)
+    use_route(monkeypatch, route)
     torch.manual_seed(0)
     fu = randomize_bn(FourierUnit(3, 5)).double()
     x = torch.randn(2, 3, *size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
@@ -303,8 +307,7 @@ def test_fourier_unit_routes_by_size(monkeypatch):
 @pytest.mark.parametrize('route', ROUTES)
 def test_fourier_unit_fast_paths_input_gradients(monkeypatch, route):
     "In eval mode with autograd on (saliency, attacks), every fast route gives the reference path's input gradient."
-    import deepfake_course.models.specxnet as sx
-    for name, limit in zip(('DFT_MATMUL_MAX_SIZE', 'DFT_RADIX2_MAX_SIZE'), ROUTES[route]): monkeypatch.setattr(sx, name, limit)
+    use_route(monkeypatch, route)
     torch.manual_seed(0)
     fu = randomize_bn(FourierUnit(3, 4)).double().eval()
     x = torch.randn(2, 3, 30, 26, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
