@@ -201,6 +201,20 @@ def test_folded_weights_follow_parameter_updates():
     torch.testing.assert_close(after, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_cached_weights_follow_dtype_conversion():
+    "After an eval forward in float32, `model.double()` must not leave float32 folded weights (or ST(0) maps) behind."
+    torch.manual_seed(0)
+    m = randomize_bn(specxnet('embedded', width=0.125))
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        m(x)
+        m.double()
+        fast = m(x.double())
+        ref = set_fast_path(m, False)(x.double())
+    assert fast.dtype == torch.float64
+    torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-9 * ref.abs().max().item())
+
+
 # ---------------------------------------------------------------- model shapes, gradients, determinism
 @pytest.mark.parametrize('size', [MIN_INPUT_SIZE, 48, 63, 64])
 def test_model_shapes_odd_and_even(size):
@@ -364,3 +378,85 @@ def test_dense_unit_takes_the_accumulating_path_and_keeps_the_maths(monkeypatch)
     ref, fast = both_paths(unit, (x_l, x_g))
     assert len(calls) == 2   # g2l into Y_l, conv2 into Y_g
     for a, b in zip(ref, fast): torch.testing.assert_close(b, a, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- kernel backends (BLAS or oneDNN)
+import deepfake_course.models.specxnet as sx
+
+needs_onednn = pytest.mark.skipif(not sx.onednn_available(), reason='this PyTorch build has no oneDNN inference kernels')
+
+
+@pytest.fixture
+def backend():
+    "Set the kernel backend for one test, restoring 'auto' afterwards."
+    yield sx.set_kernel_backend
+    sx.set_kernel_backend('auto')
+
+
+@needs_onednn
+@pytest.mark.parametrize('size', [47, 64, 65])
+@pytest.mark.parametrize('batch', [1, 3])
+def test_kernel_backends_equal_reference_float32(backend, size, batch):
+    "The whole embedded model on BLAS and on oneDNN (packed weights, fused ReLUs and sums) matches the reference path."
+    torch.manual_seed(0)
+    m = randomize_bn(specxnet('embedded', width=0.125))
+    x = torch.randn(batch, 3, size, size)
+    with torch.inference_mode():
+        ref = set_fast_path(m, False)(x); set_fast_path(m, True)
+        outs = {}
+        for name in ('blas', 'onednn'):
+            backend(name); outs[name] = m(x)
+    scale = ref.abs().max()
+    for name, out in outs.items(): assert (out - ref).abs().max() <= 1e-4 * scale, name
+
+
+@needs_onednn
+def test_onednn_takes_the_in_place_sums_in_depthwise_and_pointwise_units(backend, monkeypatch):
+    "On oneDNN, g2l (depthwise too) and the ST's conv2 add into Y_l and Y_g as fused sums, and the maths hold."
+    calls = []
+    orig = sx.onednn_conv
+    monkeypatch.setattr(sx, 'onednn_conv', lambda *a, **k: calls.append(k.get('out') is not None) or orig(*a, **k))
+    backend('onednn')
+    torch.manual_seed(0)
+    for unit in (DDFCUnit(8, 8, 3, padding=1, groups=4), DDFCUnit(8, 8, 1)):
+        unit = randomize_bn(unit)
+        x = tuple(t.contiguous(memory_format=torch.channels_last) for t in pair(4, 12))
+        calls.clear()
+        with torch.inference_mode(): ref, fast = both_paths(unit, x)
+        assert sum(calls) == 2, calls   # g2l into Y_l, conv2 into Y_g
+        for a, b in zip(ref, fast): torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_onednn_is_not_used_when_autograd_needs_a_graph(backend):
+    "Input gradients in eval mode (saliency, attacks) take the BLAS/aten path even with oneDNN chosen, and agree."
+    backend('onednn')
+    torch.manual_seed(0)
+    m = randomize_bn(specxnet('embedded', width=0.125))
+    x = torch.randn(2, 3, 48, 48, requires_grad=True)
+    m(x).sum().backward()
+    g_fast = x.grad.clone(); x.grad = None
+    set_fast_path(m, False)(x).sum().backward()
+    torch.testing.assert_close(g_fast, x.grad, rtol=1e-4, atol=1e-4 * x.grad.abs().max().item())
+
+
+@needs_onednn
+def test_packed_weights_follow_in_place_changes_and_are_freed():
+    x = torch.randn(1, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(3, 4, 1, 1)
+    with torch.inference_mode(): y1 = sx.onednn_conv(x, w)
+    with torch.no_grad(): w.mul_(2)
+    with torch.inference_mode(): y2 = sx.onednn_conv(x, w)
+    torch.testing.assert_close(y2, 2 * y1)
+    keys = [k for k in sx._PACKED if k[0] == id(w)]
+    assert keys
+    del w
+    assert not [k for k in keys if k in sx._PACKED]
+
+
+def test_kernel_backend_setting_and_calibration(backend):
+    times = sx.kernel_calibration(rounds=1)
+    assert 'blas' in times and all(t > 0 for t in times.values())
+    assert sx.kernel_backend() in times
+    backend('blas'); assert sx.kernel_backend() == 'blas'
+    with pytest.raises(ConfigError, match='kernel backend must be one of'): sx.set_kernel_backend('mkl')
