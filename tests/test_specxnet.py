@@ -55,12 +55,17 @@ def test_spectrum_matches_naive_dft(h, w):
     torch.testing.assert_close(z[:, 0::2], ref.real); torch.testing.assert_close(z[:, 1::2], ref.imag)
 
 
-@pytest.mark.parametrize('h,w', [(5, 7), (6, 6), (1, 3), (9, 2)])
-def test_add_upsampled_equals_interpolate(h, w):
+@pytest.mark.parametrize('h,w', [(5, 7), (6, 6), (8, 4), (1, 3), (9, 2)])
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_add_upsampled_equals_interpolate(h, w, channels_last):
+    "Odd sizes (four unequal quadrants) and even ones (one broadcast add over a 6-D view), in both memory formats."
     small = torch.randn(2, 3, 2, 2)
     out = torch.randn(2, 3, h, w)
+    if channels_last: out = out.contiguous(memory_format=torch.channels_last)
     expect = out + torch.nn.functional.interpolate(small, size=(h, w), mode='nearest')
-    torch.testing.assert_close(add_upsampled_2x2(out.clone(), small), expect)
+    got = add_upsampled_2x2(out, small)
+    assert got is out   # in place
+    torch.testing.assert_close(got, expect)
 
 
 # ---------------------------------------------------------------- DFA maths
