@@ -457,15 +457,13 @@ class SpectralTransform(FastPathMixin, nn.Module):
         if out_bn is not None:
             w2 = self._cached(f'conv2_{id(out_bn)}', (w2, *bn_tensors(out_bn)), lambda: fold_conv_bn(w2, out_bn)[0])
         hidden = self.fu(z).add_(z) if not needs_graph(z) else torch.add(z, self.fu(z))   # into the FU's own output
-        out = conv_fast(hidden, w2) if out is None else accumulate_pointwise(out, hidden, w2)
-        # conv2 is linear: conv2(a + up(b)) = conv2(a) + up(conv2(b)), so the LFU joins after conv2
-        if self.lfu is None: return out
-        if self.training or not isinstance(self.lfu.bn, nn.BatchNorm2d):
-            return add_upsampled_2x2(out, pointwise(self.local_fourier(z), w2))
-        return add_upsampled_2x2(out, self.local_fourier_2x2(z, w2))
+        if self.lfu is not None:   # the LFU's 2 x 2 map joins in place: its nearest upsampling is a broadcast
+            eval_fast = not self.training and isinstance(self.lfu.bn, nn.BatchNorm2d)
+            add_upsampled_2x2(hidden, self.local_fourier_2x2(z) if eval_fast else self.local_fourier(z))
+        return conv_fast(hidden, w2) if out is None else accumulate_pointwise(out, hidden, w2)
 
-    def local_fourier_2x2(self, z, w2):
-        """Eval fast path: `conv2(LFU(z))` on the 2 x 2 map without FFTs. On a 2 x 2 map the orthonormal rfft2 is the
+    def local_fourier_2x2(self, z):
+        """Eval fast path: `LFU(z)` on the 2 x 2 map without FFTs. On a 2 x 2 map the orthonormal rfft2 is the
         real Hadamard transform `HADAMARD_2x2` (every imaginary part is 0) and irfft2 reads only real parts, so the
         LFU is: Hadamard -> the Re-to-Re block of the BN-folded conv -> ReLU -> Hadamard. The four pixels (then
         frequencies) are the rows of 4 x (B C) matrices, so each Hadamard is one 4 x 4 matrix product."""
@@ -477,8 +475,7 @@ class SpectralTransform(FastPathMixin, nn.Module):
         had = _hadamard_2x2(z.device, z.dtype)
         pooled = F.adaptive_avg_pool2d(z, (2, 2)).permute(2, 3, 0, 1).reshape(4, B * C)   # rows: pixels (0,0),(0,1),(1,0),(1,1)
         r = torch.addmm(b_re, torch.mm(had, pooled).view(4 * B, C), w_re).relu_()        # rows: (frequency, sample)
-        out = torch.mm(had, torch.mm(r, w2.view(w2.shape[0], -1).t()).view(4, -1))       # 4 x (B C_out)
-        return out.view(2, 2, B, -1).permute(2, 3, 0, 1)
+        return torch.mm(had, r.view(4, B * C)).view(2, 2, B, C).permute(2, 3, 0, 1)
 
 # %% ../../nbs/08_specxnet.ipynb #d3383903
 def split_channels(channels:int, ratio:float, what:str='DDFC'):
