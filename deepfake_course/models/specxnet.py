@@ -62,9 +62,8 @@ def bn_scale_shift(bn:nn.BatchNorm2d):
     return scale, bn.bias - bn.running_mean * scale
 
 def stack_folds(*parts):
-    "Stack BN-folded convolutions that read the same input into one: `parts` = (weight, bn, keep_bias) triples."
-    ws, bs = zip(*[(w * s.view(-1, 1, 1, 1), t if keep else torch.zeros_like(t))
-                   for w, bn, keep in parts for s, t in [bn_scale_shift(bn)]])
+    "Stack BN-folded convolutions that read the same input into one: `parts` = (weight, bn) pairs."
+    ws, bs = zip(*[fold_conv_bn(w, bn) for w, bn in parts])
     return torch.cat(ws), torch.cat(bs)
 
 class FastPathMixin:
@@ -521,7 +520,7 @@ class DDFC(FastPathMixin, nn.Module):
         if self.conv_l2l.groups == 1 and not use_onednn(x_l):   # BLAS: l2l and l2g both read X_l, one product with stacked weights, split after
             m = self.conv_l2l
             w, b = self._cached('l2l+l2g', (m.weight, self.conv_l2g.weight, *bn_tensors(bn_l), *bn_tensors(bn_g)),
-                                lambda: stack_folds((m.weight, bn_l, True), (self.conv_l2g.weight, bn_g, True)))
+                                lambda: stack_folds((m.weight, bn_l), (self.conv_l2g.weight, bn_g)))
             y = conv_fast(x_l, w, b, m.stride, m.padding, m.dilation)
             y_l, y_g = y[:, :ol], y[:, ol:]
         else:   # depthwise (stacking gives 2 outputs per group, a slow oneDNN case), or oneDNN (dense outputs for its fused sums)
