@@ -182,14 +182,14 @@ def _packed(weight:torch.Tensor, key:tuple, pack):
         hit = _PACKED[k] = (weakref.ref(weight, lambda _, k=k: _PACKED.pop(k, None)), version, pack())
     return hit[2]
 
-def _conv_args(weight, stride, padding, dilation):
+def _conv_args(stride, padding, dilation):
     pair = lambda v: [v, v] if isinstance(v, int) else list(v)
     return pair(padding), pair(stride), pair(dilation)
 
 def onednn_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, relu=False, out=None):
     """`F.conv2d` (then ReLU when `relu`) with oneDNN's inference kernel and weights packed once for this input
     shape. With `out` (a dense map of the output's shape and layout): `out += conv(x)` in place, fused."""
-    padding, stride, dilation = _conv_args(weight, stride, padding, dilation)
+    padding, stride, dilation = _conv_args(stride, padding, dilation)
     if x.dim() == 4 and not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous(memory_format=torch.channels_last)
     wp = _packed(weight, ('conv', tuple(x.shape), tuple(padding), tuple(stride), tuple(dilation), groups), lambda:
@@ -212,7 +212,7 @@ def kernel_calibration(rounds:int=5, shapes=((364, 364, 18), (128, 128, 74))) ->
     cases = [(torch.randn(1, c, s, s, generator=g).contiguous(memory_format=torch.channels_last),
               torch.randn(o, c, 1, 1, generator=g), torch.randn(o, generator=g)) for c, o, s in shapes]
     def blas():
-        for x, w, b in cases: torch.addmm(b, x.permute(0, 2, 3, 1).reshape(-1, x.shape[1]), w.view(w.shape[0], -1).t())
+        for x, w, b in cases: pointwise(x, w, b)
     def onednn():
         for x, w, b in cases: onednn_conv(x, w, b)
     runs = {'blas': blas, 'onednn': onednn} if onednn_available() else {'blas': blas}
