@@ -314,7 +314,7 @@ def test_fourier_unit_routes_by_size(monkeypatch):
     import deepfake_course.models.specxnet as sx
     calls = []
     for name in ('fourier_unit_matmul', 'fourier_unit_radix2'):
-        monkeypatch.setattr(sx, name, (lambda f, n: lambda x, *a: calls.append((n, x.shape[-1])) or f(x, *a))(getattr(sx, name), name))
+        monkeypatch.setattr(sx, name, (lambda f, n: lambda x, *a, **k: calls.append((n, x.shape[-1])) or f(x, *a, **k))(getattr(sx, name), name))
     fu = randomize_bn(FourierUnit(2, 2)).eval()
     with torch.inference_mode():
         for n in (18, 24, 36, 74, 146, 162): fu(torch.randn(1, 2, n, n).contiguous(memory_format=torch.channels_last))
@@ -375,7 +375,7 @@ def test_dense_unit_takes_the_accumulating_path_and_keeps_the_maths(monkeypatch)
     import deepfake_course.models.specxnet as sx
     calls = []
     orig = sx.accumulate_pointwise
-    monkeypatch.setattr(sx, 'accumulate_pointwise', lambda *a: calls.append(1) or orig(*a))
+    monkeypatch.setattr(sx, 'accumulate_pointwise', lambda *a, **k: calls.append(1) or orig(*a, **k))
     torch.manual_seed(0)
     unit = randomize_bn(DDFCUnit(8, 8, 1)).double()
     x_l, x_g = (t.double().contiguous(memory_format=torch.channels_last) for t in pair(4, 30))
@@ -431,6 +431,7 @@ def test_onednn_takes_the_in_place_sums_in_depthwise_and_pointwise_units(backend
         for a, b in zip(ref, fast): torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.filterwarnings('error::UserWarning')   # an op without autograd support in the graph warns
 @needs_onednn
 def test_onednn_is_not_used_when_autograd_needs_a_graph(backend):
     "Input gradients in eval mode (saliency, attacks) take the BLAS/aten path even with oneDNN chosen, and agree."
@@ -464,3 +465,141 @@ def test_kernel_backend_setting_and_calibration(backend):
     assert sx.kernel_backend() in times
     backend('blas'); assert sx.kernel_backend() == 'blas'
     with pytest.raises(ConfigError, match='kernel backend must be one of'): sx.set_kernel_backend('mkl')
+
+
+# ---------------------------------------------------------------- ReLUs fused into the last sum, LFU as products, z + FU(z)
+@pytest.mark.parametrize('h,w', [(18, 18), (19, 19), (7, 10), (2, 2), (1, 5)])
+def test_lfu_matrices_are_pool_hadamard_and_upsample(h, w):
+    from deepfake_course.models.specxnet import lfu_matrices
+    analysis, synthesis = lfu_matrices(h, w, torch.float64)
+    x = torch.randn(3, 4, h, w, dtype=torch.float64)
+    pooled = torch.nn.functional.adaptive_avg_pool2d(x, (2, 2)).flatten(-2)              # pixels (0,0),(0,1),(1,0),(1,1)
+    torch.testing.assert_close(x.flatten(-2) @ analysis.T, pooled @ HADAMARD_2x2.double().T)
+    s = torch.randn(3, 4, 4, dtype=torch.float64)                                           # a 2 x 2 spectrum per channel
+    up = torch.nn.functional.interpolate((s @ HADAMARD_2x2.double().T).view(3, 4, 2, 2), size=(h, w), mode='nearest')
+    torch.testing.assert_close((s @ synthesis.T).view(3, 4, h, w), up)
+
+
+@pytest.mark.parametrize('h,w', [(18, 18), (9, 9), (8, 6), (3, 5)])
+@pytest.mark.parametrize('channels_last', [True, False])
+def test_add_local_fourier_equals_reference_float64(h, w, channels_last):
+    "In place `hidden += upsample(LFU(z))`: three products on channels-last maps, the broadcast add otherwise."
+    torch.manual_seed(0)
+    st = randomize_bn(SpectralTransform(6, 8)).double()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    z = torch.randn(2, 4, h, w, dtype=torch.float64).contiguous(memory_format=fmt)
+    hidden = torch.randn(2, 4, h, w, dtype=torch.float64).contiguous(memory_format=fmt)
+    with torch.no_grad():
+        want = hidden + torch.nn.functional.interpolate(set_fast_path(st, False).local_fourier(z), size=(h, w), mode='nearest')
+        got = set_fast_path(st, True).add_local_fourier(hidden.clone(), z)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize('size', [(18, 18), (36, 38), (9, 8), (19, 19), (162, 162)])
+def test_fourier_unit_plus_input(size):
+    "`z + FU(z)`: inside the last DFT product on the matrix routes (even sizes), one more add otherwise; same maths."
+    torch.manual_seed(0)
+    fu = randomize_bn(FourierUnit(3, 3)).double()
+    x = torch.randn(2, 3, *size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = x + set_fast_path(fu, False)(x)
+        got = set_fast_path(fu, True).plus_input(x)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    xg = x.clone().requires_grad_()   # autograd through the fused sum
+    fu.plus_input(xg).square().sum().backward()
+    xr = x.clone().requires_grad_()
+    (xr + set_fast_path(fu, False)(xr)).square().sum().backward()
+    torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('name', ['blas', 'onednn'])
+def test_accumulate_pointwise_fuses_the_relu(backend, name):
+    from deepfake_course.models.specxnet import accumulate_pointwise
+    if name == 'onednn' and not sx.onednn_available(): pytest.skip('no oneDNN')
+    backend(name)
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 5, 4).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(7, 6, 1, 1)
+    for fmt in (torch.channels_last, torch.contiguous_format):
+        out = torch.randn(2, 7, 5, 4).contiguous(memory_format=fmt)
+        want = torch.relu(out + torch.nn.functional.conv2d(x, w))
+        with torch.inference_mode(): got = accumulate_pointwise(out.clone(), x, w, True)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize('groups,kernel', [(1, 1), (4, 3)])
+def test_onednn_fused_sum_then_relu(groups, kernel):
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(8, 8 // groups, kernel, kernel)
+    out = torch.randn(1, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    want = torch.relu(out + torch.nn.functional.conv2d(x, w, padding=kernel // 2, groups=groups))
+    with torch.inference_mode(): got = sx.onednn_conv(x, w, padding=kernel // 2, groups=groups, relu=True, out=out.clone())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.filterwarnings('error::UserWarning')   # an op without autograd support in the graph warns
+@pytest.mark.parametrize('make,x', [
+    (lambda: DDFC(8, 8, 1), lambda: pair(4, 9)),
+    (lambda: DDFC(8, 8, 3, padding=1, groups=4), lambda: pair(4, 8)),
+    (lambda: DDFC(8, 12, 1, stride=2), lambda: pair(4, 7)),
+    (lambda: DDFC(8, 8, 3, padding=1, groups=4), lambda: (torch.randn(2, 4, 6, 6), None)),
+])
+def test_ddfc_relu_equals_reference(backend, make, x):
+    "DDFC(..., relu=True) on both kernel libraries equals ReLU after the reference path; under autograd too."
+    torch.manual_seed(0)
+    m = randomize_bn(make()); bns = tuple(randomize_bn(nn.BatchNorm2d(c), seed=1) for c in m.out_split)
+    inp = tuple(None if t is None else t.contiguous(memory_format=torch.channels_last) for t in x())
+    with torch.no_grad(): want = [torch.relu(bn(y)) for bn, y in zip(bns, set_fast_path(m, False)(inp))]
+    set_fast_path(m, True)
+    for name in ('blas', 'onednn') if sx.onednn_available() else ('blas',):
+        backend(name)
+        with torch.inference_mode(): got = m(inp, bns=bns, relu=True)
+        for a, b in zip(got, want): torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    x_l = inp[0].clone().requires_grad_()   # autograd: out-of-place ReLUs, gradients reach the input
+    m((x_l, inp[1]), bns=bns, relu=True)[0].sum().backward()
+    assert x_l.grad is not None and torch.isfinite(x_l.grad).all()
+
+
+@pytest.mark.parametrize('shape', [(2, 6, 5, 5), (1, 6, 4, 4)])
+def test_dfa_fast_equals_reference_with_unequal_sizes(shape):
+    "The fast DFA folds the mean's division into BN's scale when both maps have one size, and takes means otherwise."
+    torch.manual_seed(0)
+    dfa = randomize_bn(DualFourierAttention(6, 6))
+    y_l, y_g = torch.randn(*shape), torch.randn(*shape[:2], shape[2] - 1, shape[3] + 1)
+    for a, b in zip(*both_paths(dfa, y_l, y_g)): torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    for a, b in zip(*both_paths(dfa, y_l, y_l.flip(-1))): torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_packed_weights_are_per_thread_count():
+    "oneDNN packs a weight differently for 1 and 2 threads: each thread count gets its own packed copy, same result."
+    x = torch.randn(1, 16, 5, 5).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(24, 16, 1, 1)
+    before = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            with torch.inference_mode(): outs.append(sx.onednn_conv(x, w))
+        assert len({k[1][-1] for k in sx._PACKED if k[0] == id(w)}) == 2
+        for o in outs[1:]: torch.testing.assert_close(o, outs[0], rtol=1e-5, atol=1e-5)
+    finally: torch.set_num_threads(before)
+
+
+@pytest.mark.filterwarnings('error::UserWarning')   # an op without autograd support in the graph warns
+@pytest.mark.parametrize('name', ['blas', 'onednn'])
+def test_input_gradients_after_an_inference_mode_forward(backend, name):
+    "Saliency after evaluation: folded weights and DFT matrices first built in inference mode still serve autograd."
+    if name == 'onednn' and not sx.onednn_available(): pytest.skip('no oneDNN')
+    backend(name)
+    torch.manual_seed(0)
+    m = randomize_bn(specxnet('embedded', width=0.125))
+    x = torch.randn(1, 3, 48, 48)
+    with torch.inference_mode(): m(x)
+    xg = x.clone().requires_grad_()
+    m(xg).sum().backward()
+    g = xg.grad.clone(); xg.grad = None
+    set_fast_path(m, False)(xg).sum().backward()
+    torch.testing.assert_close(g, xg.grad, rtol=1e-4, atol=1e-4 * xg.grad.abs().max().item())

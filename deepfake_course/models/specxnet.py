@@ -5,14 +5,15 @@
 # %% auto #0
 __all__ = ['KERNEL_BACKENDS', 'DFT_MATMUL_MAX_SIZE', 'DFT_RADIX2_MAX_SIZE', 'HADAMARD_2x2', 'FUSIONS', 'MIN_INPUT_SIZE',
            'SPECXNET_PRESETS', 'PROFILE_CATEGORIES', 'crop_to', 'match_size', 'bn_tensors', 'needs_graph', 'params_of',
-           'fold_conv_bn', 'bn_scale_shift', 'stack_folds', 'FastPathMixin', 'set_fast_path', 'is_channels_last',
-           'pixel_matrix', 'pointwise', 'accumulate_pointwise', 'conv_fast', 'nearest_split', 'add_upsampled_2x2',
-           'onednn_available', 'set_kernel_backend', 'onednn_conv', 'onednn_linear_relu', 'kernel_calibration',
-           'kernel_backend', 'use_onednn', 'linear_relu', 'rfft2_matrices', 'fourier_unit_matmul', 'radix2_matrices',
-           'fourier_unit_radix2', 'interleaved_to_qc', 'FourierUnit', 'SpectralTransform', 'split_channels', 'DDFC',
-           'DualFourierAttention', 'DDFCUnit', 'FFCSeparableConv2d', 'tuple_relu', 'FFCBlock', 'scaled_channels',
-           'SpecXNetConfig', 'specxnet_config', 'SpecXNet', 'specxnet', 'profile_by_category', 'count_macs',
-           'time_forward', 'speed_table', 'speed_benchmark', 'SpecXNetDetectorConfig', 'SpecXNetDetector']
+           'fold_conv_bn', 'bn_scale_shift', 'stack_folds', 'cached_constants', 'FastPathMixin', 'set_fast_path',
+           'is_channels_last', 'pixel_matrix', 'pointwise', 'accumulate_pointwise', 'conv_fast', 'nearest_split',
+           'add_upsampled_2x2', 'onednn_available', 'set_kernel_backend', 'onednn_conv', 'onednn_linear_relu',
+           'kernel_calibration', 'kernel_backend', 'use_onednn', 'linear_relu', 'rfft2_matrices', 'pixel_rows',
+           'fourier_unit_matmul', 'radix2_matrices', 'fourier_unit_radix2', 'interleaved_to_qc', 'FourierUnit',
+           'lfu_matrices', 'SpectralTransform', 'split_channels', 'DDFC', 'DualFourierAttention', 'DDFCUnit',
+           'FFCSeparableConv2d', 'tuple_relu', 'FFCBlock', 'scaled_channels', 'SpecXNetConfig', 'specxnet_config',
+           'SpecXNet', 'specxnet', 'profile_by_category', 'count_macs', 'time_forward', 'speed_table',
+           'speed_benchmark', 'SpecXNetDetectorConfig', 'SpecXNetDetector']
 
 # %% ../../nbs/08_specxnet.ipynb #315d5121
 import math, functools, os, time, weakref
@@ -66,6 +67,18 @@ def stack_folds(*parts):
     ws, bs = zip(*[fold_conv_bn(w, bn) for w, bn in parts])
     return torch.cat(ws), torch.cat(bs)
 
+def cached_constants(maxsize:int|None=64):
+    """`functools.lru_cache` for functions that build constant tensors (DFT matrices and the like), built outside
+    inference mode so that they are ordinary tensors: a later forward under autograd may then use them (it could not
+    save an inference tensor for backward)."""
+    def wrap(f):
+        @functools.lru_cache(maxsize=maxsize)
+        @functools.wraps(f)
+        def build(*args, **kwargs):
+            with torch.inference_mode(False): return f(*args, **kwargs)
+        return build
+    return wrap
+
 class FastPathMixin:
     "Modules with an optimised forward and a straightforward reference forward; `fast` picks one."
     fast: bool = True
@@ -81,7 +94,9 @@ class FastPathMixin:
         cache = self.__dict__.setdefault('_fold_cache', {})
         hit = cache.get(key)
         if hit is None or hit[0] != stamp:
-            with torch.no_grad(): hit = cache[key] = (stamp, fn())
+            # ordinary tensors even when the first forward runs in inference mode: a later forward under autograd
+            # (saliency) cannot save inference tensors for backward
+            with torch.inference_mode(False), torch.no_grad(): hit = cache[key] = (stamp, fn())
         return hit[1]
 
 def set_fast_path(model:nn.Module, enabled:bool=True) -> nn.Module:
@@ -114,18 +129,20 @@ def pointwise(x:torch.Tensor, weight:torch.Tensor, bias:torch.Tensor|None=None) 
     if bias is not None: y = y.add_(bias.view(-1, 1))
     return y.view(B, -1, H, W)
 
-def accumulate_pointwise(out:torch.Tensor, x:torch.Tensor, weight:torch.Tensor) -> torch.Tensor:
-    """In place: `out += F.conv2d(x, weight)` for a bias-free 1 x 1 `weight`. On channels-last maps (channel slices
-    included) the sum happens inside the matrix product (`addmm_`, or oneDNN's fused sum into a dense `out` when
-    `kernel_backend` is oneDNN), so no separate pass over `out` is needed."""
+def accumulate_pointwise(out:torch.Tensor, x:torch.Tensor, weight:torch.Tensor, relu:bool=False) -> torch.Tensor:
+    """In place: `out += F.conv2d(x, weight)` for a bias-free 1 x 1 `weight`, then `out.relu_()` when `relu`. On
+    channels-last maps (channel slices included) the sum happens inside the matrix product (`addmm_`, or oneDNN's
+    fused sum into a dense `out`, with the ReLU fused too, when `kernel_backend` is oneDNN), so no separate pass over
+    `out` is needed."""
     if (out.is_contiguous(memory_format=torch.channels_last) and x.ndim == 4 and x.stride(1) == 1
-        and use_onednn(x, weight, out)): return onednn_conv(x, weight, out=out)
+        and use_onednn(x, weight, out)): return onednn_conv(x, weight, out=out, relu=relu)
     o, f = pixel_matrix(out), pixel_matrix(x)
-    if o is None or f is None: return out.add_(F.conv2d(x, weight).to(out.dtype))
-    w = weight.view(weight.shape[0], -1).t()
-    if f.dtype != o.dtype or w.dtype != o.dtype: f, w = f.to(o.dtype), w.to(o.dtype)   # in-place ops skip autocast
-    o.addmm_(f, w)
-    return out
+    if o is None or f is None: out.add_(F.conv2d(x, weight).to(out.dtype))
+    else:
+        w = weight.view(weight.shape[0], -1).t()
+        if f.dtype != o.dtype or w.dtype != o.dtype: f, w = f.to(o.dtype), w.to(o.dtype)   # in-place ops skip autocast
+        o.addmm_(f, w)
+    return out.relu_() if relu else out
 
 def conv_fast(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, relu=False):
     """`F.conv2d` (then a ReLU when `relu`) on the library that `kernel_backend` picks: oneDNN's packed inference
@@ -188,22 +205,25 @@ def _conv_args(stride, padding, dilation):
 
 def onednn_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, relu=False, out=None):
     """`F.conv2d` (then ReLU when `relu`) with oneDNN's inference kernel and weights packed once for this input
-    shape. With `out` (a dense map of the output's shape and layout): `out += conv(x)` in place, fused."""
+    shape and thread count (oneDNN picks the packed layout per thread count: a weight packed for one thread makes a
+    two-thread kernel reorder it on every call, 40 times slower for a 768 -> 512 1 x 1 conv). With `out` (a dense map of the output's shape and layout): `out += conv(x)` in place, fused (then the
+    ReLU, when `relu`, fused after the sum)."""
     padding, stride, dilation = _conv_args(stride, padding, dilation)
     if x.dim() == 4 and not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous(memory_format=torch.channels_last)
-    wp = _packed(weight, ('conv', tuple(x.shape), tuple(padding), tuple(stride), tuple(dilation), groups), lambda:
+    key = ('conv', tuple(x.shape), tuple(padding), tuple(stride), tuple(dilation), groups, torch.get_num_threads())
+    wp = _packed(weight, key, lambda:
                  torch._C._nn.mkldnn_reorder_conv2d_weight(weight.contiguous().to_mkldnn(), padding, stride, dilation, groups, list(x.shape)))
     if out is None:
         return torch.ops.mkldnn._convolution_pointwise(x, wp, bias, padding, stride, dilation, groups,
                                                         'relu' if relu else 'none', [], '')
-    torch.ops.mkldnn._convolution_pointwise_(out, x, wp, bias, padding, stride, dilation, groups, 'add', 1.0, None, [], None)
+    torch.ops.mkldnn._convolution_pointwise_(out, x, wp, bias, padding, stride, dilation, groups, 'add', 1.0, 'relu' if relu else None, [], None)
     return out
 
 def onednn_linear_relu(a:torch.Tensor, weight_t:torch.Tensor, bias:torch.Tensor) -> torch.Tensor:
     "`relu(a @ weight_t + bias)` for a dense 2-D `a`, as oneDNN's linear with the ReLU fused."
     w = _packed(weight_t, ('linear_t',), lambda: weight_t.t().contiguous())
-    return torch.ops.mkldnn._linear_pointwise(a.contiguous(), w, bias, 'relu', [], '')
+    return torch.ops.mkldnn._linear_pointwise(a.contiguous(), w, bias.contiguous(), 'relu', [], '')   # oneDNN reads `bias` densely
 
 def kernel_calibration(rounds:int=5, shapes=((364, 364, 18), (128, 128, 74))) -> dict:
     """Median ms of the same 1 x 1 convolutions (C -> O on an S x S channels-last map, batch 1, float32) as BLAS
@@ -248,7 +268,7 @@ def linear_relu(a:torch.Tensor, weight_t:torch.Tensor, bias:torch.Tensor) -> tor
 # %% ../../nbs/08_specxnet.ipynb #52d8071d
 DFT_MATMUL_MAX_SIZE = 24   # FourierUnits on maps up to this size run their DFTs as matrix products (eval fast path)
 
-@functools.lru_cache(maxsize=64)
+@cached_constants(maxsize=64)
 def rfft2_matrices(H:int, W:int, dtype=torch.float32, device='cpu') -> tuple:
     """Real matrices (fh, fw, iw, ih) of the orthonormal rfft2 / irfft2 of an H x W map, for `fourier_unit_matmul`.
     fh: (k1, p) x h; fw: (k2, q) x (p, w); iw: (p, w) x (k2, q); ih: h x (k1, p). p, q index (Re, Im)."""
@@ -271,9 +291,14 @@ def rfft2_matrices(H:int, W:int, dtype=torch.float32, device='cpu') -> tuple:
     ih = torch.stack([ch, -sh], 2).reshape(H, 2 * H)                      # x = Re sum_k1 e^{+i a} U[k1]
     return tuple(m.to(dtype=dtype, device=device).contiguous() for m in (fh, fw, iw, ih))
 
-def fourier_unit_matmul(x:torch.Tensor, weight_qc:torch.Tensor, bias_qc:torch.Tensor) -> torch.Tensor:
+def pixel_rows(x:torch.Tensor, rows:int, cols:int) -> torch.Tensor:
+    "The B x C x H x W map `x` as a `rows` x `cols` matrix in pixel-major (channels-last) order: a view when `x` is dense channels-last."
+    return x.permute(0, 2, 3, 1).reshape(rows, cols)
+
+def fourier_unit_matmul(x:torch.Tensor, weight_qc:torch.Tensor, bias_qc:torch.Tensor, residual=None) -> torch.Tensor:
     """irfft2(ReLU(conv(rfft2(x)))) for a channels-last `x` (B x C x H x W), as matrix products, output channels-last.
-    `weight_qc` (2C x 2C_out) and `bias_qc` (2C_out) use (q, c) order: all real parts, then all imaginary parts."""
+    `weight_qc` (2C x 2C_out) and `bias_qc` (2C_out) use (q, c) order: all real parts, then all imaginary parts.
+    With `residual` (a map of the output's shape), returns `residual + ...`, the sum taken inside the last product."""
     B, C, H, W = x.shape
     Wf, Co = W // 2 + 1, weight_qc.shape[1] // 2
     fh, fw, iw, ih = rfft2_matrices(H, W, x.dtype, str(x.device))
@@ -282,12 +307,13 @@ def fourier_unit_matmul(x:torch.Tensor, weight_qc:torch.Tensor, bias_qc:torch.Te
     v = torch.matmul(fh, xl.reshape(B, H, W * C))                          # B x (k1, p) x (w, c)
     s = torch.matmul(fw, v.view(B * H, 2 * W, C))                          # (b k1) x (k2, q) x c
     r = linear_relu(s.view(B * H * Wf, 2 * C), weight_qc, bias_qc)          # (b k1 k2) x (q, o)
-    u = torch.matmul(iw, r.view(B * H, 2 * Wf, Co))                        # (b k1) x (p, w) x o
-    return torch.matmul(ih, u.view(B, 2 * H, W * Co)).view(B, H, W, Co).permute(0, 3, 1, 2)
+    u = torch.matmul(iw, r.view(B * H, 2 * Wf, Co)).view(B, 2 * H, W * Co)  # (b k1) x (p, w) x o
+    y = torch.matmul(ih, u) if residual is None else torch.baddbmm(pixel_rows(residual, B * H, W * Co).view(B, H, W * Co), ih.expand(B, -1, -1), u)
+    return y.view(B, H, W, Co).permute(0, 3, 1, 2)
 
 DFT_RADIX2_MAX_SIZE = 160  # above DFT_MATMUL_MAX_SIZE and up to this size, even-height maps use `fourier_unit_radix2`
 
-@functools.lru_cache(maxsize=64)
+@cached_constants(maxsize=64)
 def radix2_matrices(H:int, W:int, dtype=torch.float32, device='cpu') -> tuple:
     """Real matrices (fw, fh2, ih2, iw) for `fourier_unit_radix2` on an H x W map (H even, M = H/2).
     fw: (k2, q) x w, real to half spectrum along W; fh2[r]: (k, p) x (m, q), the M-point DFT of rows h = 2m + r with
@@ -309,7 +335,7 @@ def radix2_matrices(H:int, W:int, dtype=torch.float32, device='cpu') -> tuple:
     ih2 = torch.stack([complex_as_real(2 * math.pi * torch.outer(2 * m + r, k) / H) for r in (0, 1)]) / math.sqrt(H)
     return tuple(t.to(dtype=dtype, device=device).contiguous() for t in (fw, fh2, ih2, iw))
 
-def fourier_unit_radix2(x:torch.Tensor, weight_qc:torch.Tensor, bias_qc:torch.Tensor) -> torch.Tensor:
+def fourier_unit_radix2(x:torch.Tensor, weight_qc:torch.Tensor, bias_qc:torch.Tensor, residual=None) -> torch.Tensor:
     """`fourier_unit_matmul` for larger maps of even height: W first (real to half spectrum), then one radix-2 step
     along H (two H/2-point DFTs and a butterfly), the spectral conv, and the same in reverse. Half the multiply-adds."""
     B, C, H, W = x.shape
@@ -334,8 +360,8 @@ def fourier_unit_radix2(x:torch.Tensor, weight_qc:torch.Tensor, bias_qc:torch.Te
         torch.add(r[0], r[1], out=z[1]); r[0].sub_(r[1])                                    # what even / odd output rows see
         torch.matmul(ih2[0], z[1], out=z[0]); torch.matmul(ih2[1], r[0], out=z[1])         # r x (b k2) x (m, p) x o
     z = z.view(2, B, Wf, M, 2, Co).permute(1, 3, 0, 2, 4, 5).contiguous()                  # b x (m, r) = h x (k2, p) x o
-    out = torch.matmul(iw, z.view(B * H, 2 * Wf, Co))                                       # (b h) x w x o
-    return out.view(B, H, W, Co).permute(0, 3, 1, 2)
+    out = torch.matmul(iw, z.view(B * H, 2 * Wf, Co)).view(B, H, W, Co).permute(0, 3, 1, 2)   # (b h) x w x o
+    return out if residual is None else out.add_(residual)   # (a batched product would copy iw B H times)
 
 def interleaved_to_qc(t:torch.Tensor, dim:int=0) -> torch.Tensor:
     "Reorder Re/Im-interleaved entries (2c + q) along `dim` into blocks (q, c): all even entries, then all odd ones."
@@ -384,13 +410,14 @@ class FourierUnit(FastPathMixin, nn.Module):
             return w.view(w.shape[0], -1).t().contiguous(), b
         return self._cached('conv_bn_t', (self.conv.weight, *bn_tensors(self.bn)), fold)
 
-    def spectral_matmul(self, x):
+    def spectral_matmul(self, x, residual=None):
         """Eval fast path. Maps up to `DFT_MATMUL_MAX_SIZE` run `fourier_unit_matmul`, even heights up to
         `DFT_RADIX2_MAX_SIZE` run `fourier_unit_radix2` (the BN-folded weights reordered to (q, c) once, cached).
         Otherwise pocketfft returns the spectrum as B x C x H x Wf complex numbers; one permuted copy turns it
         into a (B H Wf) x 2C real matrix whose columns are Re/Im interleaved exactly like the reference's channels
         2c, 2c+1. The 1 x 1 conv + BN + ReLU is then one `addmm` (bias fused) and an in-place ReLU, and its output
-        *is* a complex B x H x Wf x C_out tensor, which `irfft2` reads over dims (1, 2) without another copy."""
+        *is* a complex B x H x Wf x C_out tensor, which `irfft2` reads over dims (1, 2) without another copy.
+        With `residual`: `residual + FU(x)`, inside the last DFT product where the DFTs are matrix products."""
         B, C, H, W = x.shape
         small, radix2 = max(H, W) <= DFT_MATMUL_MAX_SIZE, H % 2 == 0 and max(H, W) <= DFT_RADIX2_MAX_SIZE
         if small or radix2:
@@ -398,20 +425,45 @@ class FourierUnit(FastPathMixin, nn.Module):
                 w, b = fold_conv_bn(self.conv.weight, self.bn)
                 return interleaved_to_qc(interleaved_to_qc(w.view(w.shape[0], -1), 0), 1).t().contiguous(), interleaved_to_qc(b)
             w_qc = self._cached('conv_bn_qc', (self.conv.weight, *bn_tensors(self.bn)), fold_qc)
-            return (fourier_unit_matmul if small else fourier_unit_radix2)(x, *w_qc)
+            return (fourier_unit_matmul if small else fourier_unit_radix2)(x, *w_qc, residual=residual)
         w, b = self.folded_matrix()
         spec = torch.view_as_real(torch.fft.rfft2(x, norm='ortho'))                 # B C H Wf 2 (pocketfft's layout)
         spec = spec.permute(0, 2, 3, 1, 4).reshape(-1, 2 * C)                          # the one copy: (B H Wf) x 2C
         z = linear_relu(spec, w, b)                                                    # (B H Wf) x 2C_out
         z = torch.view_as_complex(z.view(B, H, W // 2 + 1, -1, 2))
-        return torch.fft.irfft2(z, s=(H, W), dim=(1, 2), norm='ortho').permute(0, 3, 1, 2)
+        out = torch.fft.irfft2(z, s=(H, W), dim=(1, 2), norm='ortho').permute(0, 3, 1, 2)
+        return out if residual is None else out.add_(residual)
+
+    def plus_input(self, x):
+        """`x + self(x)`, the SpectralTransform's `z + FU(z)`, as a new map. On the eval fast path with even sizes (no
+        padding) the sum is taken inside the last DFT product; otherwise it is one more add."""
+        H, W = x.shape[-2:]
+        if (self._fast(eval_only=True) and isinstance(self.bn, nn.BatchNorm2d) and H % 2 == 0 and W % 2 == 0
+            and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)):
+            return self.spectral_matmul(x, residual=x)
+        y = self(x)
+        return torch.add(x, y) if needs_graph(x, y) else y.add_(x)
 
 # %% ../../nbs/08_specxnet.ipynb #ede602ea
 # orthonormal rfft2 of a 2 x 2 map, pixels and frequencies both flattened row-major: X[k] = sum_n H[k, n] x[n]
 HADAMARD_2x2 = 0.5 * torch.tensor([[1., 1., 1., 1.], [1., -1., 1., -1.], [1., 1., -1., -1.], [1., -1., -1., 1.]])
 
-@functools.lru_cache(maxsize=None)
+@cached_constants(maxsize=None)
 def _hadamard_2x2(device, dtype): return HADAMARD_2x2.to(device, dtype)
+
+@cached_constants(maxsize=64)
+def lfu_matrices(H:int, W:int, dtype=torch.float32, device='cpu') -> tuple:
+    """(analysis, synthesis) for the LFU on an H x W map, pixels flattened row-major. analysis (4 x HW) =
+    `HADAMARD_2x2` @ 2 x 2 adaptive average pooling: `analysis @ pixels` is the pooled map's spectrum. synthesis
+    (HW x 4) = nearest upsampling 2 x 2 -> H x W @ `HADAMARD_2x2`: `synthesis @ spectrum` is the upsampled inverse.
+    Both are Kronecker products of 1-D matrices taken from `F.adaptive_avg_pool1d` and `F.interpolate` themselves."""
+    f64 = dict(dtype=torch.float64)
+    pool = lambda n: F.adaptive_avg_pool1d(torch.eye(n, **f64).unsqueeze(1), 2).squeeze(1).t()   # 2 x n
+    up = lambda n: F.interpolate(torch.eye(2, **f64).unsqueeze(1), size=n, mode='nearest').squeeze(1).t()   # n x 2
+    kron = lambda a, b: torch.einsum('ij,kl->ikjl', a, b).reshape(a.shape[0] * b.shape[0], a.shape[1] * b.shape[1])
+    had = HADAMARD_2x2.to(torch.float64)
+    analysis, synthesis = had @ kron(pool(H), pool(W)), kron(up(H), up(W)) @ had
+    return analysis.to(dtype=dtype, device=device).contiguous(), synthesis.to(dtype=dtype, device=device).contiguous()
 
 class SpectralTransform(FastPathMixin, nn.Module):
     "FFC's global->global path: (avg-pool) -> 1x1 conv/BN/ReLU -> x + FU(x) + LFU(x) -> 1x1 conv."
@@ -449,28 +501,50 @@ class SpectralTransform(FastPathMixin, nn.Module):
         conv, bn, _ = self.conv1
         return self._cached('conv1', (conv.weight, *bn_tensors(bn)), lambda: fold_conv_bn(conv.weight, bn))
 
-    def from_hidden(self, z, out_bn=None, out=None):
+    def from_hidden(self, z, out_bn=None, out=None, relu:bool=False):
         """Fast path after conv1/BN/ReLU: conv2(z + FU(z) + LFU(z)), for a caller that computed `z` itself.
-        With `out` (same size), the result is added to `out` in place instead, inside conv2's matrix product."""
+        With `out` (same size), the result is added to `out` in place instead, inside conv2's matrix product.
+        `relu`: a ReLU on the result (on `out` after the sum), fused into conv2 where the kernels allow."""
         w2 = self.conv2.weight
         if out_bn is not None:
             w2 = self._cached(f'conv2_{id(out_bn)}', (w2, *bn_tensors(out_bn)), lambda: fold_conv_bn(w2, out_bn)[0])
-        hidden = self.fu(z).add_(z) if not needs_graph(z) else torch.add(z, self.fu(z))   # into the FU's own output
-        if self.lfu is not None:   # the LFU's 2 x 2 map joins in place: its nearest upsampling is a broadcast
-            eval_fast = not self.training and isinstance(self.lfu.bn, nn.BatchNorm2d)
-            add_upsampled_2x2(hidden, self.local_fourier_2x2(z) if eval_fast else self.local_fourier(z))
-        return conv_fast(hidden, w2) if out is None else accumulate_pointwise(out, hidden, w2)
+        hidden = self.fu.plus_input(z)   # a new map: the LFU adds into it in place
+        if self.lfu is not None:
+            if not self.training and isinstance(self.lfu.bn, nn.BatchNorm2d): self.add_local_fourier(hidden, z)
+            else: add_upsampled_2x2(hidden, self.local_fourier(z))   # nearest upsampling of a 2 x 2 map: a broadcast add
+        if out is not None: return accumulate_pointwise(out, hidden, w2, relu)
+        return conv_fast(hidden, w2, relu=relu)
+
+    def add_local_fourier(self, hidden, z):
+        """Eval fast path, in place: `hidden += upsample(LFU(z))`. With `lfu_matrices`, on channels-last maps (pixel
+        rows) this is three matrix products: (pool, Hadamard) -> BN-folded Re block of the conv + ReLU ->
+        (Hadamard, upsample) added into `hidden`. Other layouts take `local_fourier_2x2` and a broadcast add."""
+        B, C, H, W = z.shape
+        zp, hp = pixel_matrix(z), pixel_matrix(hidden)
+        if zp is None or hp is None or needs_graph(hidden, z):
+            return add_upsampled_2x2(hidden, self.local_fourier_2x2(z))
+        w_re, b_re = self.lfu_re_weights()
+        analysis, synthesis = lfu_matrices(H, W, z.dtype, str(z.device))[0], lfu_matrices(H, W, hidden.dtype, str(z.device))[1]
+        freq = torch.matmul(analysis, zp.view(B, H * W, C))                       # B x 4 x C: the pooled map's spectrum
+        r = torch.addmm(b_re, freq.view(4 * B, C), w_re).relu_().view(B, 4, C)   # a tiny product: BLAS (oneDNN's fixed cost is ~20 us)
+        hp.view(B, H * W, -1).baddbmm_(synthesis.expand(B, -1, -1), r.to(hidden.dtype))
+        return hidden
+
+    def lfu_re_weights(self):
+        "Eval mode: the Re-to-Re block of the LFU's BN-folded conv, transposed (C x C_out), and its bias (cached)."
+        lfu = self.lfu
+        def fold():
+            w, b = fold_conv_bn(lfu.conv.weight, lfu.bn)
+            return w.view(w.shape[0], -1)[0::2, 0::2].t().contiguous(), b[0::2].contiguous()
+        return self._cached('lfu_re', (lfu.conv.weight, *bn_tensors(lfu.bn)), fold)
 
     def local_fourier_2x2(self, z):
         """Eval fast path: `LFU(z)` on the 2 x 2 map without FFTs. On a 2 x 2 map the orthonormal rfft2 is the
         real Hadamard transform `HADAMARD_2x2` (every imaginary part is 0) and irfft2 reads only real parts, so the
         LFU is: Hadamard -> the Re-to-Re block of the BN-folded conv -> ReLU -> Hadamard. The four pixels (then
         frequencies) are the rows of 4 x (B C) matrices, so each Hadamard is one 4 x 4 matrix product."""
-        lfu, B, C = self.lfu, z.shape[0], z.shape[1]
-        def fold():
-            w, b = fold_conv_bn(lfu.conv.weight, lfu.bn)
-            return w.view(w.shape[0], -1)[0::2, 0::2].t().contiguous(), b[0::2]
-        w_re, b_re = self._cached('lfu_re', (lfu.conv.weight, *bn_tensors(lfu.bn)), fold)
+        B, C = z.shape[:2]
+        w_re, b_re = self.lfu_re_weights()
         had = _hadamard_2x2(z.device, z.dtype)
         pooled = F.adaptive_avg_pool2d(z, (2, 2)).permute(2, 3, 0, 1).reshape(4, B * C)   # rows: pixels (0,0),(0,1),(1,0),(1,1)
         r = torch.addmm(b_re, torch.mm(had, pooled).view(4 * B, C), w_re).relu_()        # rows: (frequency, sample)
@@ -498,9 +572,10 @@ class DDFC(FastPathMixin, nn.Module):
         self.conv_l2l, self.conv_g2l, self.conv_l2g = conv(il, ol), conv(ig, ol), conv(il, og)
         self.conv_g2g = SpectralTransform(ig, og, stride, lfu)
 
-    def forward(self, x, bns=None):
+    def forward(self, x, bns=None, relu:bool=False):
         """`x` = (X_l, X_g); X_g may be None for zeros. `bns` = (bn_l, bn_g), BatchNorms applied to the two outputs
-        (eval mode; folded into the convolutions on the fast path)."""
+        (eval mode; folded into the convolutions on the fast path). `relu`: a ReLU on both outputs after that, fused
+        into their last products where the kernels allow."""
         x_l, x_g = x
         if x_g is None and not self._fast(): x_g = torch.zeros_like(x_l)
         if bns is None or not self._fast():
@@ -511,7 +586,7 @@ class DDFC(FastPathMixin, nn.Module):
             else:
                 y_g, st = match_size(y_g, self._spectral_of_zeros(x_l)); y_g = y_g + st
             if bns is not None: y_l, y_g = bns[0](y_l), bns[1](y_g)
-            return y_l, y_g
+            return (F.relu(y_l), F.relu(y_g)) if relu else (y_l, y_g)
         bn_l, bn_g = bns
         def conv(m, t, bn, with_bias=False):
             w, b = self._cached(f'{id(m)}', (m.weight, *bn_tensors(bn)), lambda: fold_conv_bn(m.weight, bn))
@@ -526,23 +601,27 @@ class DDFC(FastPathMixin, nn.Module):
         else:   # depthwise (stacking gives 2 outputs per group, a slow oneDNN case), or oneDNN (dense outputs for its fused sums)
             y_l = conv(self.conv_l2l, x_l, bn_l, True)
             y_g = conv(self.conv_l2g, x_l, bn_g, True)
+        # in place unless autograd records the graph: y_l and y_g may be views of one stacked output, so an in-place
+        # ReLU of one would change the other's saved ReLU output
+        inplace = not needs_graph(y_l, y_g)
         pointwise_g2l = x_g is not None and self._g2l_fuses_with_spectral()
         if pointwise_g2l or (x_g is not None and self._adds_in_place_onednn(x_g, y_l, y_g)):
             # maps keep their size: g2l and conv2 add their products into y_l and y_g in place, inside the matrix
             # products (a dense stride-1 1 x 1 unit on channels-last maps) or as oneDNN's fused sums (any g2l)
             st, m = self.conv_g2g, self.conv_g2l
             w_g2l, _ = self._cached(f'{id(m)}', (m.weight, *bn_tensors(bn_l)), lambda: fold_conv_bn(m.weight, bn_l))
-            if pointwise_g2l: accumulate_pointwise(y_l, x_g, w_g2l)
-            else: onednn_conv(x_g, w_g2l, None, m.stride, m.padding, m.dilation, m.groups, out=y_l)
-            st.from_hidden(conv_fast(x_g, *st.folded_conv1(), relu=True), out_bn=bn_g, out=y_g)
-            return y_l, y_g
+            fuse = relu and inplace
+            if pointwise_g2l: accumulate_pointwise(y_l, x_g, w_g2l, fuse)
+            else: onednn_conv(x_g, w_g2l, None, m.stride, m.padding, m.dilation, m.groups, relu=fuse, out=y_l)
+            st.from_hidden(conv_fast(x_g, *st.folded_conv1(), relu=True), out_bn=bn_g, out=y_g, relu=fuse)
+            return (F.relu(y_l), F.relu(y_g)) if relu and not fuse else (y_l, y_g)
         if x_g is not None:
             g2l, spectral = conv(self.conv_g2l, x_g, bn_l), self.conv_g2g(x_g, out_bn=bn_g)
             a, b = match_size(y_l, g2l); y_l = a + b
             a, b = match_size(y_g, spectral); y_g = a + b
         else:   # zeros: g2l(0) = 0, and ST(0) is the same map for every sample in eval mode
             a, b = match_size(y_g, self._spectral_of_zeros(x_l, bn_g)); y_g = a + b
-        return y_l, y_g
+        return (F.relu(y_l, inplace), F.relu(y_g, inplace)) if relu else (y_l, y_g)
 
     def _g2l_fuses_with_spectral(self):
         "True when g2l is a dense, stride-1 1 x 1 conv and the ST does not pool (eval mode): both then add into the unit's outputs in place."
@@ -553,7 +632,7 @@ class DDFC(FastPathMixin, nn.Module):
     def _adds_in_place_onednn(self, x_g, y_l, y_g):
         "On oneDNN (eval mode): True when g2l's output and the (non-pooling) ST's output match the dense maps y_l and y_g."
         st, m = self.conv_g2g, self.conv_g2l
-        if st.training or not isinstance(st.downsample, nn.Identity) or not use_onednn(x_g): return False
+        if st.training or not isinstance(st.downsample, nn.Identity) or not use_onednn(x_g, y_l, y_g): return False   # no oneDNN op under autograd
         if not all(y.is_contiguous(memory_format=torch.channels_last) for y in (y_l, y_g)): return False
         H, W = x_g.shape[-2:]
         size = lambda n, i: (n + 2 * m.padding[i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
@@ -595,8 +674,9 @@ class DualFourierAttention(FastPathMixin, nn.Module):
         self.fusion_weight = nn.Linear(channels_local + channels_global, 2) if fusion == 'softmax' else None
 
     def folded_gates(self):
-        """Eval mode, for `torch.baddbmm` over the two branches (cached): both BNs as scale and shift, 2 x 1 x C, in the
-        order (local, global) for the outputs and (global, local) for the pooled maps; both SE gates' 1 x 1
+        """Eval mode, for `torch.baddbmm` over the two branches (cached): both BNs as scale and shift, stacked 2 x 2 x 1 x C
+        (scale, shift) x (local, global) for the outputs, and 2 x 1 x C each in the order (global, local) for the pooled
+        maps; both SE gates' 1 x 1
         convolutions as 2 x C x C/r and 2 x C/r x C matrices with 2 x 1 x ... biases, in the order (global, local),
         so that the gates come out crossed: [A_g, A_l], the gate of Y_l first."""
         g_l, g_g = self.gate_l, self.gate_g
@@ -604,7 +684,7 @@ class DualFourierAttention(FastPathMixin, nn.Module):
             (sl, bl), (sg, bg) = bn_scale_shift(self.norm_l), bn_scale_shift(self.norm_g)
             pair = lambda a, b: torch.stack([a, b]).unsqueeze(1)
             mats = lambda i: torch.stack([g.weight.view(g.weight.shape[0], -1).t() for g in (g_g[i], g_l[i])]).contiguous()
-            return (pair(sl, sg), pair(bl, bg), pair(sg, sl), pair(bg, bl),
+            return (torch.stack([pair(sl, sg), pair(bl, bg)]), pair(sg, sl), pair(bg, bl),
                     mats(1), pair(g_g[1].bias, g_l[1].bias), mats(3), pair(g_g[3].bias, g_l[3].bias))
         tensors = (*bn_tensors(self.norm_l), *bn_tensors(self.norm_g), *params_of(g_l[1], g_l[3], g_g[1], g_g[3]))
         return self._cached('gates', tensors, fold)
@@ -619,12 +699,14 @@ class DualFourierAttention(FastPathMixin, nn.Module):
                 a_l = F.interpolate(a_l, size=y_g.shape[-2:], mode='bilinear', align_corners=False)
             out_l, out_g = y_l * a_g + y_l, y_g * a_l + y_g
         else:   # BN folded: Y' = (s*y + b) * (1 + A), both branches' gates computed together, one multiply-add per branch
-            s, b, s_gl, b_gl, w1, b1, w2, b2 = self.folded_gates()
-            B, C = y_l.shape[:2]
-            pooled = torch.addcmul(b_gl, torch.stack([y_g.mean((2, 3)), y_l.mean((2, 3))]), s_gl)   # GAP(BN(y)) = BN(GAP(y))
-            g = 1 + torch.baddbmm(b2, torch.baddbmm(b1, pooled, w1).relu_(), w2).sigmoid_()     # [1 + A_g, 1 + A_l]
-            (scale_l, scale_g), (shift_l, shift_g) = (s * g).view(2, B, C, 1, 1), (b * g).view(2, B, C, 1, 1)
-            inplace = inplace and not needs_graph(y_l, y_g, s)
+            sb, s_gl, b_gl, w1, b1, w2, b2 = self.folded_gates()
+            B, C, H, W = y_l.shape
+            if y_g.shape[-2:] == (H, W):   # GAP(BN(y)) = BN(GAP(y)), the mean's division folded into BN's scale
+                pooled = torch.addcmul(b_gl, torch.stack([y_g.sum((2, 3)), y_l.sum((2, 3))]), s_gl, value=1 / (H * W))
+            else: pooled = torch.addcmul(b_gl, torch.stack([y_g.mean((2, 3)), y_l.mean((2, 3))]), s_gl)
+            a = torch.baddbmm(b2, torch.baddbmm(b1, pooled, w1).relu_(), w2).sigmoid_()     # [A_g, A_l]
+            (scale_l, scale_g), (shift_l, shift_g) = torch.addcmul(sb, sb, a).view(2, 2, B, C, 1, 1)   # (s, b) * (1 + A)
+            inplace = inplace and not needs_graph(y_l, y_g, sb)
             out_l = torch.addcmul(shift_l, y_l, scale_l, out=y_l if inplace else None)
             out_g = torch.addcmul(shift_g, y_g, scale_g, out=y_g if inplace else None)
         if self.fusion == 'softmax':
@@ -646,12 +728,8 @@ class DDFCUnit(FastPathMixin, nn.Module):
 
     def forward(self, x):
         if self._fast(eval_only=True):   # both BNs folded into the DDFC's convolutions
-            y_l, y_g = self.ddfc(x, bns=(self.bn_l, self.bn_g))
-            # in place unless autograd records the graph: y_l and y_g may be views of one stacked output, so an
-            # in-place ReLU of one would change the other's saved ReLU output
-            inplace = not needs_graph(y_l, y_g)
-            y_l, y_g = F.relu(y_l, inplace=inplace), F.relu(y_g, inplace=inplace)
-            return self.dfa(y_l, y_g, inplace=inplace)   # the unit owns y_l and y_g: DFA may overwrite them
+            y_l, y_g = self.ddfc(x, bns=(self.bn_l, self.bn_g), relu=True)
+            return self.dfa(y_l, y_g, inplace=True)   # the unit owns y_l and y_g: DFA may overwrite them (not under autograd)
         else:
             y_l, y_g = self.ddfc(x)
             y_l, y_g = F.relu(self.bn_l(y_l)), F.relu(self.bn_g(y_g))
