@@ -206,8 +206,8 @@ def _conv_args(stride, padding, dilation):
 def onednn_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, relu=False, out=None):
     """`F.conv2d` (then ReLU when `relu`) with oneDNN's inference kernel and weights packed once for this input
     shape and thread count (oneDNN picks the packed layout per thread count: a weight packed for one thread makes a
-    two-thread kernel reorder it on every call, 40 times slower for a 768 -> 512 1 x 1 conv). With `out` (a dense map of the output's shape and layout): `out += conv(x)` in place, fused (then the
-    ReLU, when `relu`, fused after the sum)."""
+    two-thread kernel reorder it on every call, 40 times slower for a 768 -> 512 1 x 1 conv). With `out` (a dense
+    map of the output's shape and layout): `out += conv(x)` in place, fused, then the ReLU when `relu`."""
     padding, stride, dilation = _conv_args(stride, padding, dilation)
     if x.dim() == 4 and not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
         x = x.contiguous(memory_format=torch.channels_last)
@@ -217,7 +217,8 @@ def onednn_conv(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1,
     if out is None:
         return torch.ops.mkldnn._convolution_pointwise(x, wp, bias, padding, stride, dilation, groups,
                                                         'relu' if relu else 'none', [], '')
-    torch.ops.mkldnn._convolution_pointwise_(out, x, wp, bias, padding, stride, dilation, groups, 'add', 1.0, 'relu' if relu else None, [], None)
+    torch.ops.mkldnn._convolution_pointwise_(out, x, wp, bias, padding, stride, dilation, groups, 'add', 1.0,
+                                             'relu' if relu else None, [], None)
     return out
 
 def onednn_linear_relu(a:torch.Tensor, weight_t:torch.Tensor, bias:torch.Tensor) -> torch.Tensor:
@@ -308,7 +309,8 @@ def fourier_unit_matmul(x:torch.Tensor, weight_qc:torch.Tensor, bias_qc:torch.Te
     s = torch.matmul(fw, v.view(B * H, 2 * W, C))                          # (b k1) x (k2, q) x c
     r = linear_relu(s.view(B * H * Wf, 2 * C), weight_qc, bias_qc)          # (b k1 k2) x (q, o)
     u = torch.matmul(iw, r.view(B * H, 2 * Wf, Co)).view(B, 2 * H, W * Co)  # (b k1) x (p, w) x o
-    y = torch.matmul(ih, u) if residual is None else torch.baddbmm(pixel_rows(residual, B * H, W * Co).view(B, H, W * Co), ih.expand(B, -1, -1), u)
+    if residual is None: y = torch.matmul(ih, u)
+    else: y = torch.baddbmm(pixel_rows(residual, B * H, W * Co).view(B, H, W * Co), ih.expand(B, -1, -1), u)
     return y.view(B, H, W, Co).permute(0, 3, 1, 2)
 
 DFT_RADIX2_MAX_SIZE = 160  # above DFT_MATMUL_MAX_SIZE and up to this size, even-height maps use `fourier_unit_radix2`
@@ -524,9 +526,10 @@ class SpectralTransform(FastPathMixin, nn.Module):
         if zp is None or hp is None or needs_graph(hidden, z):
             return add_upsampled_2x2(hidden, self.local_fourier_2x2(z))
         w_re, b_re = self.lfu_re_weights()
-        analysis, synthesis = lfu_matrices(H, W, z.dtype, str(z.device))[0], lfu_matrices(H, W, hidden.dtype, str(z.device))[1]
+        analysis = lfu_matrices(H, W, z.dtype, str(z.device))[0]
+        synthesis = lfu_matrices(H, W, hidden.dtype, str(z.device))[1]   # in-place products skip autocast: hidden's dtype
         freq = torch.matmul(analysis, zp.view(B, H * W, C))                       # B x 4 x C: the pooled map's spectrum
-        r = torch.addmm(b_re, freq.view(4 * B, C), w_re).relu_().view(B, 4, C)   # a tiny product: BLAS (oneDNN's fixed cost is ~20 us)
+        r = torch.addmm(b_re, freq.view(4 * B, C), w_re).relu_().view(B, 4, C)   # tiny: BLAS, not oneDNN (~20 us a call)
         hp.view(B, H * W, -1).baddbmm_(synthesis.expand(B, -1, -1), r.to(hidden.dtype))
         return hidden
 
@@ -632,7 +635,8 @@ class DDFC(FastPathMixin, nn.Module):
     def _adds_in_place_onednn(self, x_g, y_l, y_g):
         "On oneDNN (eval mode): True when g2l's output and the (non-pooling) ST's output match the dense maps y_l and y_g."
         st, m = self.conv_g2g, self.conv_g2l
-        if st.training or not isinstance(st.downsample, nn.Identity) or not use_onednn(x_g, y_l, y_g): return False   # no oneDNN op under autograd
+        # y_l and y_g too: a oneDNN op has no backward, so none may act on maps that autograd records
+        if st.training or not isinstance(st.downsample, nn.Identity) or not use_onednn(x_g, y_l, y_g): return False
         if not all(y.is_contiguous(memory_format=torch.channels_last) for y in (y_l, y_g)): return False
         H, W = x_g.shape[-2:]
         size = lambda n, i: (n + 2 * m.padding[i] - m.dilation[i] * (m.kernel_size[i] - 1) - 1) // m.stride[i] + 1
@@ -674,11 +678,11 @@ class DualFourierAttention(FastPathMixin, nn.Module):
         self.fusion_weight = nn.Linear(channels_local + channels_global, 2) if fusion == 'softmax' else None
 
     def folded_gates(self):
-        """Eval mode, for `torch.baddbmm` over the two branches (cached): both BNs as scale and shift, stacked 2 x 2 x 1 x C
-        (scale, shift) x (local, global) for the outputs, and 2 x 1 x C each in the order (global, local) for the pooled
-        maps; both SE gates' 1 x 1
-        convolutions as 2 x C x C/r and 2 x C/r x C matrices with 2 x 1 x ... biases, in the order (global, local),
-        so that the gates come out crossed: [A_g, A_l], the gate of Y_l first."""
+        """Eval mode, for `torch.baddbmm` over the two branches (cached): both BNs as scale and shift, stacked
+        2 x 2 x 1 x C as (scale, shift) x (local, global) for the outputs, and as 2 x 1 x C each in the order
+        (global, local) for the pooled maps; both SE gates' 1 x 1 convolutions as 2 x C x C/r and 2 x C/r x C
+        matrices with 2 x 1 x ... biases, in the order (global, local), so that the gates come out crossed:
+        [A_g, A_l], the gate of Y_l first."""
         g_l, g_g = self.gate_l, self.gate_g
         def fold():
             (sl, bl), (sg, bg) = bn_scale_shift(self.norm_l), bn_scale_shift(self.norm_g)
