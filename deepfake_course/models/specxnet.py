@@ -8,12 +8,12 @@ __all__ = ['KERNEL_BACKENDS', 'DFT_MATMUL_MAX_SIZE', 'DFT_RADIX2_MAX_SIZE', 'HAD
            'fold_conv_bn', 'bn_scale_shift', 'stack_folds', 'cached_constants', 'FastPathMixin', 'set_fast_path',
            'is_channels_last', 'pixel_matrix', 'pointwise', 'accumulate_pointwise', 'conv_fast', 'nearest_split',
            'add_upsampled_2x2', 'onednn_available', 'set_kernel_backend', 'onednn_conv', 'onednn_linear_relu',
-           'kernel_calibration', 'kernel_backend', 'use_onednn', 'linear_relu', 'rfft2_matrices', 'pixel_rows',
-           'fourier_unit_matmul', 'radix2_matrices', 'fourier_unit_radix2', 'interleaved_to_qc', 'FourierUnit',
-           'lfu_matrices', 'SpectralTransform', 'split_channels', 'DDFC', 'DualFourierAttention', 'DDFCUnit',
-           'FFCSeparableConv2d', 'tuple_relu', 'FFCBlock', 'scaled_channels', 'SpecXNetConfig', 'specxnet_config',
-           'SpecXNet', 'specxnet', 'profile_by_category', 'count_macs', 'time_forward', 'speed_table',
-           'speed_benchmark', 'SpecXNetDetectorConfig', 'SpecXNetDetector']
+           'kernel_calibration', 'kernel_backend', 'use_onednn', 'linear_relu', 'rfft2_matrices', 'fourier_unit_matmul',
+           'radix2_matrices', 'fourier_unit_radix2', 'interleaved_to_qc', 'FourierUnit', 'lfu_matrices',
+           'SpectralTransform', 'split_channels', 'DDFC', 'DualFourierAttention', 'DDFCUnit', 'FFCSeparableConv2d',
+           'tuple_relu', 'FFCBlock', 'scaled_channels', 'SpecXNetConfig', 'specxnet_config', 'SpecXNet', 'specxnet',
+           'profile_by_category', 'count_macs', 'time_forward', 'speed_table', 'speed_benchmark',
+           'SpecXNetDetectorConfig', 'SpecXNetDetector']
 
 # %% ../../nbs/08_specxnet.ipynb #315d5121
 import math, functools, os, time, weakref
@@ -190,8 +190,8 @@ _PACKED = {}   # (id(weight), key) -> (weakref to weight, its version, packed we
 
 def _packed(weight:torch.Tensor, key:tuple, pack):
     """`pack()` cached for `weight` under `key`, refreshed when `weight` changes in place, dropped when it is freed.
-    Inference tensors have no version counter: theirs is taken as fixed (the folded weights of an inference-mode
-    forward are such tensors; they are replaced, never changed, when the parameters change)."""
+    Inference tensors have no version counter: theirs is taken as fixed (outside inference mode they cannot be
+    changed in place)."""
     version = None if weight.is_inference() else weight._version
     k = (id(weight), key)
     hit = _PACKED.get(k)
@@ -292,10 +292,6 @@ def rfft2_matrices(H:int, W:int, dtype=torch.float32, device='cpu') -> tuple:
     ih = torch.stack([ch, -sh], 2).reshape(H, 2 * H)                      # x = Re sum_k1 e^{+i a} U[k1]
     return tuple(m.to(dtype=dtype, device=device).contiguous() for m in (fh, fw, iw, ih))
 
-def pixel_rows(x:torch.Tensor, rows:int, cols:int) -> torch.Tensor:
-    "The B x C x H x W map `x` as a `rows` x `cols` matrix in pixel-major (channels-last) order: a view when `x` is dense channels-last."
-    return x.permute(0, 2, 3, 1).reshape(rows, cols)
-
 def fourier_unit_matmul(x:torch.Tensor, weight_qc:torch.Tensor, bias_qc:torch.Tensor, residual=None) -> torch.Tensor:
     """irfft2(ReLU(conv(rfft2(x)))) for a channels-last `x` (B x C x H x W), as matrix products, output channels-last.
     `weight_qc` (2C x 2C_out) and `bias_qc` (2C_out) use (q, c) order: all real parts, then all imaginary parts.
@@ -310,7 +306,7 @@ def fourier_unit_matmul(x:torch.Tensor, weight_qc:torch.Tensor, bias_qc:torch.Te
     r = linear_relu(s.view(B * H * Wf, 2 * C), weight_qc, bias_qc)          # (b k1 k2) x (q, o)
     u = torch.matmul(iw, r.view(B * H, 2 * Wf, Co)).view(B, 2 * H, W * Co)  # (b k1) x (p, w) x o
     if residual is None: y = torch.matmul(ih, u)
-    else: y = torch.baddbmm(pixel_rows(residual, B * H, W * Co).view(B, H, W * Co), ih.expand(B, -1, -1), u)
+    else: y = torch.baddbmm(residual.permute(0, 2, 3, 1).reshape(B, H, W * Co), ih.expand(B, -1, -1), u)
     return y.view(B, H, W, Co).permute(0, 3, 1, 2)
 
 DFT_RADIX2_MAX_SIZE = 160  # above DFT_MATMUL_MAX_SIZE and up to this size, even-height maps use `fourier_unit_radix2`
@@ -347,7 +343,7 @@ def fourier_unit_radix2(x:torch.Tensor, weight_qc:torch.Tensor, bias_qc:torch.Te
     if not xl.is_contiguous(): xl = xl.contiguous()
     v = torch.matmul(fw, xl.view(B * H, W, C))                                              # (b h) x (k2, q) x c
     v = v.view(B, M, 2, Wf, 2, C).permute(2, 0, 3, 1, 4, 5).contiguous().view(2, B * Wf, 2 * M, C)   # r x (b k2) x (m, q) x c
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight_qc, bias_qc)):   # autograd: no out= or in-place
+    if needs_graph(x, weight_qc, bias_qc):   # autograd: no out= or in-place
         even, odd = torch.matmul(fh2[0], v[0]), torch.matmul(fh2[1], v[1])
         r = torch.addmm(bias_qc, torch.stack([even + odd, even - odd]).view(-1, 2 * C), weight_qc).relu().view(2, B * Wf, 2 * M, Co)
         z = torch.stack([torch.matmul(ih2[0], r[0] + r[1]), torch.matmul(ih2[1], r[0] - r[1])])
@@ -538,7 +534,7 @@ class SpectralTransform(FastPathMixin, nn.Module):
         lfu = self.lfu
         def fold():
             w, b = fold_conv_bn(lfu.conv.weight, lfu.bn)
-            return w.view(w.shape[0], -1)[0::2, 0::2].t().contiguous(), b[0::2].contiguous()
+            return w.view(w.shape[0], -1)[0::2, 0::2].t().contiguous(), b[0::2]
         return self._cached('lfu_re', (lfu.conv.weight, *bn_tensors(lfu.bn)), fold)
 
     def local_fourier_2x2(self, z):
