@@ -12,8 +12,8 @@ __all__ = ['KERNEL_BACKENDS', 'DFT_MATMUL_MAX_SIZE', 'DFT_RADIX2_MAX_SIZE', 'HAD
            'radix2_matrices', 'fourier_unit_radix2', 'interleaved_to_qc', 'FourierUnit', 'lfu_matrices',
            'SpectralTransform', 'split_channels', 'DDFC', 'DualFourierAttention', 'DDFCUnit', 'FFCSeparableConv2d',
            'tuple_relu', 'FFCBlock', 'scaled_channels', 'SpecXNetConfig', 'specxnet_config', 'SpecXNet', 'specxnet',
-           'profile_by_category', 'count_macs', 'time_forward', 'speed_table', 'speed_benchmark',
-           'SpecXNetDetectorConfig', 'SpecXNetDetector']
+           'profile_by_category', 'count_macs', 'minor_faults', 'keep_freed_memory', 'time_forward', 'speed_table',
+           'speed_benchmark', 'SpecXNetDetectorConfig', 'SpecXNetDetector']
 
 # %% ../../nbs/08_specxnet.ipynb #315d5121
 import math, functools, os, time, weakref
@@ -915,6 +915,23 @@ def count_macs(model:nn.Module, x:torch.Tensor) -> int:
     with torch.inference_mode(), FlopCounterMode(display=False) as counter: model(x)
     return counter.get_total_flops() // 2
 
+def minor_faults() -> int|None:
+    "Minor page faults of this process so far (the kernel mapping fresh memory on first touch); None where `resource` is missing (Windows)."
+    try: import resource
+    except ImportError: return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+def keep_freed_memory() -> bool:
+    """glibc only, for the whole process: malloc keeps the memory that tensors free instead of returning it to the
+    operating system (no trimming; blocks up to 32 MB from the heap), so that repeated forwards stop page-faulting.
+    This is what preloading tcmalloc or jemalloc does in many deployments. Returns False where it cannot be applied."""
+    import ctypes, ctypes.util, platform
+    if platform.system() != 'Linux' or platform.libc_ver()[0] != 'glibc': return False
+    try: libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
+    except OSError: return False
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    return bool(libc.mallopt(M_TRIM_THRESHOLD, 2**30) and libc.mallopt(M_MMAP_THRESHOLD, 32 * 2**20))
+
 def time_forward(model:nn.Module, x:torch.Tensor, repeats:int=3, warmup:int=1) -> float:
     "Median seconds of `model(x)` in inference mode, after `warmup` untimed calls."
     sync = torch.cuda.synchronize if x.device.type == 'cuda' else (lambda: None)
@@ -941,8 +958,9 @@ def speed_table(shapes=((299, 1), (299, 8), (64, 8)), threads:int|None=2, repeat
     """Latency (median of `repeats` warm calls, ms) and throughput of legacy_xception (as built, and channels-last)
     and SpecXNet side by side, one row per (size, batch). `latency_ratio` is SpecXNet over the default
     legacy_xception (ratio of medians; `ratio_p25` and `ratio_p75` are the quartiles of the per-repeat ratio),
-    `latency_ratio_best` over the faster of its two memory formats. On CUDA both run under the
-    course's bf16 autocast."""
+    `latency_ratio_best` over the faster of its two memory formats. `*_faults`: median minor page faults per call
+    (fresh memory the kernel maps on first touch, each costing microseconds; NaN where unavailable). On CUDA all run
+    under the course's bf16 autocast."""
     if threads: torch.set_num_threads(threads)
     dev = torch.device(device)
     models = _bench_models(fast, dev)
@@ -951,16 +969,20 @@ def speed_table(shapes=((299, 1), (299, 8), (64, 8)), threads:int|None=2, repeat
         x = torch.randn(batch, 3, size, size, generator=torch_generator(seed)).to(dev)
         inputs = {k: x.contiguous(memory_format=torch.channels_last) if k.endswith('_cl') else x for k in models}
         row = dict(size=size, batch=batch)
-        times = {name: [] for name in models}
+        times, faults = {name: [] for name in models}, {name: [] for name in models}
         with autocast(dev):
             for name, m in models.items(): time_forward(m, inputs[name], repeats=1, warmup=1)
             # alternate the models repeat by repeat, so that a change in machine load hits all alike
             for _ in range(repeats):
-                for name, m in models.items(): times[name].append(time_forward(m, inputs[name], repeats=1, warmup=0))
+                for name, m in models.items():
+                    f0 = minor_faults()
+                    times[name].append(time_forward(m, inputs[name], repeats=1, warmup=0))
+                    faults[name].append(np.nan if f0 is None else minor_faults() - f0)
         for name in models:
             t = float(np.median(times[name]))
             row[f'{name}_ms'] = 1e3 * t
             row[f'{name}_img_s'] = batch / t
+            row[f'{name}_faults'] = float(np.median(faults[name]))
         row['latency_ratio'] = row['specxnet_ms'] / row['legacy_xception_ms']
         # the same ratio repeat by repeat (both models timed in the same round): its spread shows the machine's noise
         per_round = np.array(times['specxnet']) / np.array(times['legacy_xception'])
@@ -990,21 +1012,24 @@ def speed_benchmark(
     repeats:int=5,                   # timed repeats after one warm-up call (the median is reported)
     device:str='cpu',                # cpu or cuda (bf16 autocast)
     reference:store_true=False,      # time SpecXNet's reference (released-code) path instead of the fast path
+    keep_memory:store_true=False,    # glibc: malloc keeps freed memory (`keep_freed_memory`), so forwards stop page-faulting
     out:str=None,                    # also write the table as CSV to this path
 ):
     """Print latency and throughput of SpecXNet and legacy_xception (as built and channels-last) side by side, with
-    both latency ratios, parameters, MACs and the load average before and after."""
+    both latency ratios, page faults per call, parameters, MACs and the load average before and after."""
+    if keep_memory and not keep_freed_memory():
+        raise ConfigError("--keep-memory needs Linux with glibc (it sets malloc's trim and mmap thresholds)")
     load_before = os.getloadavg()[0]
     df = speed_table(_parse_shapes(shapes), threads=threads, repeats=repeats, device=device, fast=not reference)
     p = df.attrs['params_M']
     print(f"device {df.attrs['device']}, {df.attrs['threads']} threads, specxnet path: {'reference' if reference else 'fast'}, "
           f"{repeats} interleaved repeats (median); load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
-          f"({os.cpu_count()} cores)")
+          f"({os.cpu_count()} cores); malloc: {'keeps freed memory' if keep_memory else 'default'}")
     print(f"parameters: legacy_xception {p['legacy_xception']:.2f} M, specxnet {p['specxnet']:.2f} M")
     with pd.option_context('display.width', 250, 'display.max_columns', 30):
         print(df.round(3).to_string(index=False))
     print("latency_ratio = specxnet / legacy_xception as built; latency_ratio_best = specxnet / the faster of "
-          "legacy_xception and legacy_xception_cl (channels-last)")
+          "legacy_xception and legacy_xception_cl (channels-last); *_faults = minor page faults per call (median)")
     if out: df.to_csv(out, index=False); print(f"wrote {out}")
 
 # %% ../../nbs/08_specxnet.ipynb #a92ded65
