@@ -1018,7 +1018,7 @@ def speed_benchmark(
     """Print latency and throughput of SpecXNet and legacy_xception (as built and channels-last) side by side, with
     both latency ratios, page faults per call, parameters, MACs and the load average before and after."""
     if keep_memory and not keep_freed_memory():
-        raise ConfigError("--keep-memory needs Linux with glibc (it sets malloc's trim and mmap thresholds)")
+        raise ConfigError("--keep_memory needs Linux with glibc (it sets malloc's trim and mmap thresholds)")
     load_before = os.getloadavg()[0]
     df = speed_table(_parse_shapes(shapes), threads=threads, repeats=repeats, device=device, fast=not reference)
     p = df.attrs['params_M']
