@@ -587,8 +587,9 @@ class DDFC(FastPathMixin, nn.Module):
             if bns is not None: y_l, y_g = bns[0](y_l), bns[1](y_g)
             return (F.relu(y_l), F.relu(y_g)) if relu else (y_l, y_g)
         bn_l, bn_g = bns
+        folded = lambda m, bn: self._cached(f'{id(m)}', (m.weight, *bn_tensors(bn)), lambda: fold_conv_bn(m.weight, bn))
         def conv(m, t, bn, with_bias=False):
-            w, b = self._cached(f'{id(m)}', (m.weight, *bn_tensors(bn)), lambda: fold_conv_bn(m.weight, bn))
+            w, b = folded(m, bn)
             return conv_fast(t, w, b if with_bias else None, m.stride, m.padding, m.dilation, m.groups)
         ol = self.out_split[0]
         if self.conv_l2l.groups == 1 and not use_onednn(x_l):   # BLAS: l2l and l2g both read X_l, one product with stacked weights, split after
@@ -608,7 +609,7 @@ class DDFC(FastPathMixin, nn.Module):
             # maps keep their size: g2l and conv2 add their products into y_l and y_g in place, inside the matrix
             # products (a dense stride-1 1 x 1 unit on channels-last maps) or as oneDNN's fused sums (any g2l)
             st, m = self.conv_g2g, self.conv_g2l
-            w_g2l, _ = self._cached(f'{id(m)}', (m.weight, *bn_tensors(bn_l)), lambda: fold_conv_bn(m.weight, bn_l))
+            w_g2l, _ = folded(m, bn_l)
             fuse = relu and inplace
             if pointwise_g2l: accumulate_pointwise(y_l, x_g, w_g2l, fuse)
             else: onednn_conv(x_g, w_g2l, None, m.stride, m.padding, m.dilation, m.groups, relu=fuse, out=y_l)
@@ -645,10 +646,8 @@ class DDFC(FastPathMixin, nn.Module):
         st_of_zeros = lambda: self.conv_g2g(x_l.new_zeros(n, self.in_split[1], H, W), out_bn=out_bn)
         if self.training or torch.is_grad_enabled(): st = st_of_zeros()
         else:
-            m = self.conv_g2g
-            tensors = (*params_of(m.conv1[0], m.fu.conv, m.conv2), *bn_tensors(m.conv1[1]), *bn_tensors(m.fu.bn),
-                       *(() if m.lfu is None else (*params_of(m.lfu.conv), *bn_tensors(m.lfu.bn))),
-                       *(() if out_bn is None else bn_tensors(out_bn)))
+            m = self.conv_g2g   # every parameter and buffer of the ST (two calls per forward: the walk is cheap)
+            tensors = (*m.parameters(), *m.buffers(), *(() if out_bn is None else bn_tensors(out_bn)))
             st = self._cached(f'st0_{H}x{W}_{x_l.dtype}_{x_l.device}_{id(out_bn)}_{m.fast}', tensors, st_of_zeros)
         return st.expand(B, -1, -1, -1) if n != B else st
 
