@@ -8,12 +8,13 @@ __all__ = ['KERNEL_BACKENDS', 'DFT_MATMUL_MAX_SIZE', 'DFT_RADIX2_MAX_SIZE', 'HAD
            'fold_conv_bn', 'bn_scale_shift', 'stack_folds', 'cached_constants', 'FastPathMixin', 'set_fast_path',
            'is_channels_last', 'pixel_matrix', 'pointwise', 'accumulate_pointwise', 'conv_fast', 'nearest_split',
            'add_upsampled_2x2', 'onednn_available', 'set_kernel_backend', 'onednn_conv', 'onednn_linear_relu',
-           'kernel_calibration', 'kernel_backend', 'use_onednn', 'linear_relu', 'rfft2_matrices', 'fourier_unit_matmul',
-           'radix2_matrices', 'fourier_unit_radix2', 'interleaved_to_qc', 'FourierUnit', 'lfu_matrices',
-           'SpectralTransform', 'split_channels', 'DDFC', 'DualFourierAttention', 'DDFCUnit', 'FFCSeparableConv2d',
-           'tuple_relu', 'FFCBlock', 'scaled_channels', 'SpecXNetConfig', 'specxnet_config', 'SpecXNet', 'specxnet',
-           'profile_by_category', 'count_macs', 'minor_faults', 'keep_freed_memory', 'time_forward', 'speed_table',
-           'speed_benchmark', 'SpecXNetDetectorConfig', 'SpecXNetDetector']
+           'onednn_left_matmul', 'kernel_calibration', 'kernel_backend', 'use_onednn', 'linear_relu', 'rfft2_matrices',
+           'fourier_unit_matmul', 'radix2_matrices', 'fourier_unit_radix2', 'interleaved_to_qc',
+           'fourier_unit_radix2_outer', 'FourierUnit', 'lfu_matrices', 'SpectralTransform', 'split_channels', 'DDFC',
+           'DualFourierAttention', 'DDFCUnit', 'FFCSeparableConv2d', 'tuple_relu', 'FFCBlock', 'scaled_channels',
+           'SpecXNetConfig', 'specxnet_config', 'SpecXNet', 'specxnet', 'profile_by_category', 'count_macs',
+           'minor_faults', 'keep_freed_memory', 'time_forward', 'speed_table', 'speed_benchmark',
+           'SpecXNetDetectorConfig', 'SpecXNetDetector']
 
 # %% ../../nbs/08_specxnet.ipynb #315d5121
 import math, functools, os, time, weakref
@@ -226,6 +227,13 @@ def onednn_linear_relu(a:torch.Tensor, weight_t:torch.Tensor, bias:torch.Tensor)
     w = _packed(weight_t, ('linear_t',), lambda: weight_t.t().contiguous())
     return torch.ops.mkldnn._linear_pointwise(a.contiguous(), w, bias.contiguous(), 'relu', [], '')   # oneDNN reads `bias` densely
 
+def onednn_left_matmul(f:torch.Tensor, x:torch.Tensor) -> torch.Tensor:
+    """`f @ x` for a constant `f` (M x K) and a 2-D `x` (K x N), as oneDNN's linear: it computes `a @ w.T`, and it
+    reads `x.t()` as a transposed weight in place, with no copy. The form for products over the *outermost* index
+    of a dense map. `x` must be dense: oneDNN runs a strided weight on its reference kernel, hundreds of times
+    slower, so a strided `x` is copied first."""
+    return torch.ops.mkldnn._linear_pointwise(f, x.contiguous().t(), None, 'none', [], '')
+
 def kernel_calibration(rounds:int=5, shapes=((364, 364, 18), (128, 128, 74))) -> dict:
     """Median ms of the same 1 x 1 convolutions (C -> O on an S x S channels-last map, batch 1, float32) as BLAS
     `addmm` and as packed oneDNN kernels, timed alternately with the current thread count."""
@@ -365,6 +373,42 @@ def interleaved_to_qc(t:torch.Tensor, dim:int=0) -> torch.Tensor:
     "Reorder Re/Im-interleaved entries (2c + q) along `dim` into blocks (q, c): all even entries, then all odd ones."
     return torch.cat([t.index_select(dim, torch.arange(q, t.shape[dim], 2, device=t.device)) for q in (0, 1)], dim)
 
+# %% ../../nbs/08_specxnet.ipynb #afb72ba4
+def fourier_unit_radix2_outer(x:torch.Tensor, weight_qc:torch.Tensor, bias_qc:torch.Tensor, residual=None) -> torch.Tensor:
+    """`fourier_unit_radix2` for inference on oneDNN (float32, CPU): every DFT is `onednn_left_matmul` over the
+    outermost index of a dense map, and the maps move between products in rows of channels. Output channels-last."""
+    B, C, H, W = x.shape
+    M, Wf, Co = H // 2, W // 2 + 1, weight_qc.shape[1] // 2
+    fw, fh2, ih2, iw = radix2_matrices(H, W, x.dtype, str(x.device))
+    xw = x.permute(3, 0, 2, 1).contiguous()                                              # w b h c
+    v = onednn_left_matmul(fw, xw.view(W, -1)).view(Wf, 2, B, M, 2, C)                   # k2 q b m r c (h = 2m + r)
+    del xw
+    v = v.permute(4, 3, 1, 0, 2, 5).contiguous()                                         # r m q k2 b c
+    even, odd = (onednn_left_matmul(fh2[r], v[r].view(2 * M, -1)).view(M, 2, Wf, B, C) for r in (0, 1))   # k p k2 b c
+    del v
+    s = x.new_empty(2, M, Wf, B, 2, C)                                                    # s k k2 b p c
+    s_view = s.permute(0, 1, 4, 2, 3, 5)                                               # seen as s k p k2 b c
+    torch.add(even, odd, out=s_view[0]); torch.sub(even, odd, out=s_view[1])             # k1 = k and k1 = k + M
+    del even, odd, s_view
+    mixed = linear_relu(s.view(-1, 2 * C), weight_qc, bias_qc).view(2, M, Wf, B, 2, Co)  # s k k2 b q o
+    del s
+    u = x.new_empty(2, M, 2, Wf, B, Co)                                                   # r k q k2 b o
+    u_view = u.permute(0, 1, 3, 4, 2, 5)                                                  # seen as r k k2 b q o
+    torch.add(mixed[0], mixed[1], out=u_view[0]); torch.sub(mixed[0], mixed[1], out=u_view[1])   # what even / odd rows see
+    del mixed, u_view
+    z = x.new_empty(Wf, 2, B, M, 2, Co)                                                   # k2 p b m r o
+    for parity in (0, 1):
+        rows = onednn_left_matmul(ih2[parity], u[parity].view(2 * M, -1)).view(M, 2, Wf, B, Co)   # m p k2 b o
+        z.select(4, parity).copy_(rows.permute(2, 1, 3, 0, 4))
+        del rows
+    del u
+    y = onednn_left_matmul(iw, z.view(2 * Wf, -1)).view(W, B, H, Co)                      # w b h o
+    del z
+    out = x.new_empty(B, H, W, Co)
+    if residual is None: out.copy_(y.permute(1, 2, 0, 3))
+    else: torch.add(y.permute(1, 2, 0, 3), residual.permute(0, 2, 3, 1), out=out)
+    return out.permute(0, 3, 1, 2)
+
 # %% ../../nbs/08_specxnet.ipynb #79a802d0
 class FourierUnit(FastPathMixin, nn.Module):
     "rfft2 (ortho) -> Re/Im interleaved on channels -> 1x1 conv + BN + ReLU -> irfft2; odd sizes reflect-padded."
@@ -410,10 +454,10 @@ class FourierUnit(FastPathMixin, nn.Module):
 
     def spectral_matmul(self, x, residual=None):
         """Eval fast path. Maps up to `DFT_MATMUL_MAX_SIZE` run `fourier_unit_matmul`, even heights up to
-        `DFT_RADIX2_MAX_SIZE` run `fourier_unit_radix2` (the BN-folded weights reordered to (q, c) once, cached).
-        Otherwise pocketfft returns the spectrum as B x C x H x Wf complex numbers; one permuted copy turns it
-        into a (B H Wf) x 2C real matrix whose columns are Re/Im interleaved exactly like the reference's channels
-        2c, 2c+1. The 1 x 1 conv + BN + ReLU is then one `addmm` (bias fused) and an in-place ReLU, and its output
+        `DFT_RADIX2_MAX_SIZE` run `fourier_unit_radix2` (`fourier_unit_radix2_outer` on oneDNN); the BN-folded
+        weights are reordered to (q, c) once and cached. Otherwise pocketfft returns the spectrum as B x C x H x Wf
+        complex numbers; one permuted copy turns it into a (B H Wf) x 2C real matrix whose columns are Re/Im
+        interleaved exactly like the reference's channels 2c, 2c+1. The 1 x 1 conv + BN + ReLU is then one `addmm` (bias fused) and an in-place ReLU, and its output
         *is* a complex B x H x Wf x C_out tensor, which `irfft2` reads over dims (1, 2) without another copy.
         With `residual`: `residual + FU(x)`, inside the last DFT product where the DFTs are matrix products."""
         B, C, H, W = x.shape
@@ -423,7 +467,9 @@ class FourierUnit(FastPathMixin, nn.Module):
                 w, b = fold_conv_bn(self.conv.weight, self.bn)
                 return interleaved_to_qc(interleaved_to_qc(w.view(w.shape[0], -1), 0), 1).t().contiguous(), interleaved_to_qc(b)
             w_qc = self._cached('conv_bn_qc', (self.conv.weight, *bn_tensors(self.bn)), fold_qc)
-            return (fourier_unit_matmul if small else fourier_unit_radix2)(x, *w_qc, residual=residual)
+            if small: return fourier_unit_matmul(x, *w_qc, residual=residual)
+            unit = fourier_unit_radix2_outer if use_onednn(x, *w_qc) else fourier_unit_radix2
+            return unit(x, *w_qc, residual=residual)
         w, b = self.folded_matrix()
         spec = torch.view_as_real(torch.fft.rfft2(x, norm='ortho'))                 # B C H Wf 2 (pocketfft's layout)
         spec = spec.permute(0, 2, 3, 1, 4).reshape(-1, 2 * C)                          # the one copy: (B H Wf) x 2C
