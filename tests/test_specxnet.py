@@ -335,7 +335,7 @@ def test_fourier_unit_fast_paths_equal_reference(monkeypatch, size, route):
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-10)
 
 
-def test_fourier_unit_routes_by_size(monkeypatch):
+def test_fourier_unit_routes_by_size(monkeypatch, backend):
     """At 299 x 299 the DFTs are matrix products: plain up to 24 px, radix-2 on the 146, 74 and 36 px maps, no FFT call.
     On BLAS the radix-2 maps take `fourier_unit_radix2`; on oneDNN, `fourier_unit_radix2_outer`."""
     import deepfake_course.models.specxnet as sx
@@ -343,41 +343,13 @@ def test_fourier_unit_routes_by_size(monkeypatch):
     for name in ('fourier_unit_matmul', 'fourier_unit_radix2', 'fourier_unit_radix2_outer'):
         monkeypatch.setattr(sx, name, (lambda f, n: lambda x, *a, **k: calls.append((n, x.shape[-1])) or f(x, *a, **k))(getattr(sx, name), name))
     fu = randomize_bn(FourierUnit(2, 2)).eval()
-    backends = ('blas', 'onednn') if sx.onednn_available() else ('blas',)
-    try:
-        for backend in backends:
-            sx.set_kernel_backend(backend); calls.clear()
-            with torch.inference_mode():
-                for n in (18, 24, 36, 74, 146, 162): fu(torch.randn(1, 2, n, n).contiguous(memory_format=torch.channels_last))
-            radix2 = 'fourier_unit_radix2_outer' if backend == 'onednn' else 'fourier_unit_radix2'
-            assert calls == [('fourier_unit_matmul', 18), ('fourier_unit_matmul', 24), (radix2, 36),
-                             (radix2, 74), (radix2, 146)], backend   # 162 > DFT_RADIX2_MAX_SIZE: pocketfft
-    finally: sx.set_kernel_backend('auto')
-
-
-@pytest.mark.skipif(not __import__('deepfake_course.models.specxnet', fromlist=['x']).onednn_available(), reason='no oneDNN')
-@pytest.mark.parametrize('size', [(6, 8), (26, 27), (74, 74), (146, 146)])
-@pytest.mark.parametrize('residual', [False, True])
-def test_radix2_outer_on_onednn_equals_reference(monkeypatch, size, residual):
-    """float32 on oneDNN: the radix-2 maps take `fourier_unit_radix2_outer`, with a batch, odd widths and z + FU(z)
-    (the SpectralTransform's sum inside the last product), and keep the reference path's maths."""
-    import deepfake_course.models.specxnet as sx
-    calls = []
-    orig = sx.fourier_unit_radix2_outer
-    monkeypatch.setattr(sx, 'fourier_unit_radix2_outer', lambda *a, **k: calls.append(1) or orig(*a, **k))
-    use_route(monkeypatch, 'radix2')
-    torch.manual_seed(0)
-    fu = randomize_bn(FourierUnit(3, 3))
-    x = torch.randn(2, 3, *size).contiguous(memory_format=torch.channels_last)
-    try:
-        sx.set_kernel_backend('onednn')
+    for name in ('blas', 'onednn') if sx.onednn_available() else ('blas',):
+        backend(name); calls.clear()
         with torch.inference_mode():
-            ref = set_fast_path(fu, False)(x); set_fast_path(fu, True)
-            if residual: ref, fast = ref + x, fu.plus_input(x)
-            else: fast = fu(x)
-    finally: sx.set_kernel_backend('auto')
-    assert calls and (is_channels_last(fast) or size[1] % 2)   # odd sizes: a cropped view of the padded map
-    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+            for n in (18, 24, 36, 74, 146, 162): fu(torch.randn(1, 2, n, n).contiguous(memory_format=torch.channels_last))
+        radix2 = 'fourier_unit_radix2_outer' if name == 'onednn' else 'fourier_unit_radix2'
+        assert calls == [('fourier_unit_matmul', 18), ('fourier_unit_matmul', 24), (radix2, 36),
+                         (radix2, 74), (radix2, 146)], name   # 162 > DFT_RADIX2_MAX_SIZE: pocketfft
 
 
 @pytest.mark.parametrize('route', ROUTES)
@@ -501,6 +473,28 @@ def test_onednn_is_not_used_when_autograd_needs_a_graph(backend):
     g_fast = x.grad.clone(); x.grad = None
     set_fast_path(m, False)(x).sum().backward()
     torch.testing.assert_close(g_fast, x.grad, rtol=1e-4, atol=1e-4 * x.grad.abs().max().item())
+
+
+@needs_onednn
+@pytest.mark.parametrize('size', [(6, 8), (26, 27), (74, 74), (146, 146)])
+@pytest.mark.parametrize('residual', [False, True])
+def test_radix2_outer_on_onednn_equals_reference(monkeypatch, backend, size, residual):
+    """float32 on oneDNN: the radix-2 maps take `fourier_unit_radix2_outer`, with a batch, odd widths and z + FU(z)
+    (the SpectralTransform's sum inside the last product), and keep the reference path's maths."""
+    calls = []
+    orig = sx.fourier_unit_radix2_outer
+    monkeypatch.setattr(sx, 'fourier_unit_radix2_outer', lambda *a, **k: calls.append(1) or orig(*a, **k))
+    use_route(monkeypatch, 'radix2')
+    torch.manual_seed(0)
+    fu = randomize_bn(FourierUnit(3, 3))
+    x = torch.randn(2, 3, *size).contiguous(memory_format=torch.channels_last)
+    backend('onednn')
+    with torch.inference_mode():
+        ref = set_fast_path(fu, False)(x); set_fast_path(fu, True)
+        if residual: ref, fast = ref + x, fu.plus_input(x)
+        else: fast = fu(x)
+    assert calls and (is_channels_last(fast) or size[1] % 2)   # odd sizes: a cropped view of the padded map
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
 
 
 @needs_onednn
