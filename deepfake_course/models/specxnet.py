@@ -387,7 +387,7 @@ def fourier_unit_radix2_outer(x:torch.Tensor, weight_qc:torch.Tensor, bias_qc:to
     even, odd = (onednn_left_matmul(fh2[r], v[r].view(2 * M, -1)).view(M, 2, Wf, B, C) for r in (0, 1))   # k p k2 b c
     del v
     s = x.new_empty(2, M, Wf, B, 2, C)                                                    # s k k2 b p c
-    s_view = s.permute(0, 1, 4, 2, 3, 5)                                               # seen as s k p k2 b c
+    s_view = s.permute(0, 1, 4, 2, 3, 5)                                                  # seen as s k p k2 b c
     torch.add(even, odd, out=s_view[0]); torch.sub(even, odd, out=s_view[1])             # k1 = k and k1 = k + M
     del even, odd, s_view
     mixed = linear_relu(s.view(-1, 2 * C), weight_qc, bias_qc).view(2, M, Wf, B, 2, Co)  # s k k2 b q o
@@ -457,8 +457,9 @@ class FourierUnit(FastPathMixin, nn.Module):
         `DFT_RADIX2_MAX_SIZE` run `fourier_unit_radix2` (`fourier_unit_radix2_outer` on oneDNN); the BN-folded
         weights are reordered to (q, c) once and cached. Otherwise pocketfft returns the spectrum as B x C x H x Wf
         complex numbers; one permuted copy turns it into a (B H Wf) x 2C real matrix whose columns are Re/Im
-        interleaved exactly like the reference's channels 2c, 2c+1. The 1 x 1 conv + BN + ReLU is then one `addmm` (bias fused) and an in-place ReLU, and its output
-        *is* a complex B x H x Wf x C_out tensor, which `irfft2` reads over dims (1, 2) without another copy.
+        interleaved exactly like the reference's channels 2c, 2c+1. The 1 x 1 conv + BN + ReLU is then one `addmm`
+        (bias fused) and an in-place ReLU, and its output *is* a complex B x H x Wf x C_out tensor, which `irfft2`
+        reads over dims (1, 2) without another copy.
         With `residual`: `residual + FU(x)`, inside the last DFT product where the DFTs are matrix products."""
         B, C, H, W = x.shape
         small, radix2 = max(H, W) <= DFT_MATMUL_MAX_SIZE, H % 2 == 0 and max(H, W) <= DFT_RADIX2_MAX_SIZE
