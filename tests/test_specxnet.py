@@ -2,6 +2,7 @@
 import math, shutil, subprocess, sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn as nn
@@ -10,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from deepfake_course.core import ConfigError, seed_everything
 from deepfake_course.models.specxnet import (FourierUnit, SpectralTransform, DDFC, DDFCUnit, DualFourierAttention,
     FFCSeparableConv2d, FFCBlock, specxnet, specxnet_config, set_fast_path, add_upsampled_2x2, nearest_split,
-    speed_table, MIN_INPUT_SIZE, pointwise, conv_fast, is_channels_last, HADAMARD_2x2)
+    speed_table, summarize_runs, MIN_INPUT_SIZE, pointwise, conv_fast, is_channels_last, HADAMARD_2x2)
 
 torch.set_num_threads(1)
 
@@ -279,12 +280,23 @@ def test_bad_inputs():
 def test_cli_runs(tmp_path):
     out = tmp_path / 'speed.csv'
     script = shutil.which('dfc-speed-bench') or str(Path(sys.executable).parent / 'dfc-speed-bench')
-    r = subprocess.run([script, '--shapes', '40x1', '--threads', '1', '--repeats', '1', '--out', str(out)],
-                       capture_output=True, text=True, timeout=300)
+    # --runs 2: the benchmark twice, each in a fresh process (each prints the single-run table), then a summary
+    r = subprocess.run([script, '--shapes', '40x1', '--threads', '1', '--repeats', '1', '--runs', '2', '--out', str(out)],
+                       capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'latency_ratio' in r.stdout and 'latency_ratio_best' in r.stdout and 'mac_ratio' in r.stdout and out.exists()
     assert 'load average' in r.stdout and 'legacy_xception_cl_ms' in r.stdout
     assert 'specxnet_faults' in r.stdout and 'malloc: default' in r.stdout
+    assert '-- run 1 of 2, fresh process' in r.stdout and '-- run 2 of 2, fresh process' in r.stdout
+    assert r.stdout.count('parameters: legacy_xception') == 2 and 'latency_ratio_median' in r.stdout
+    runs = pd.read_csv(out)
+    assert list(runs['run']) == [1, 2] and (runs['size'] == 40).all()
+    summary = summarize_runs(runs)
+    assert summary['latency_ratio_each'][0] == ' '.join(f'{v:.2f}' for v in runs['latency_ratio'])
+    assert summary['latency_ratio_median'][0] == pytest.approx(runs['latency_ratio'].median())
+    assert f"{summary['latency_ratio_each'][0]}" in r.stdout
+    r = subprocess.run([script, '--runs', '0'], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "runs must be >= 1" in r.stderr
     r = subprocess.run([script, '--shapes', '40by1'], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "size x batch" in r.stderr
 

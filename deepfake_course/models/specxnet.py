@@ -13,8 +13,8 @@ __all__ = ['KERNEL_BACKENDS', 'DFT_MATMUL_MAX_SIZE', 'DFT_RADIX2_MAX_SIZE', 'HAD
            'fourier_unit_radix2_outer', 'FourierUnit', 'lfu_matrices', 'SpectralTransform', 'split_channels', 'DDFC',
            'DualFourierAttention', 'DDFCUnit', 'FFCSeparableConv2d', 'tuple_relu', 'FFCBlock', 'scaled_channels',
            'SpecXNetConfig', 'specxnet_config', 'SpecXNet', 'specxnet', 'profile_by_category', 'count_macs',
-           'minor_faults', 'keep_freed_memory', 'time_forward', 'speed_table', 'speed_benchmark',
-           'SpecXNetDetectorConfig', 'SpecXNetDetector']
+           'minor_faults', 'keep_freed_memory', 'time_forward', 'speed_table', 'summarize_runs', 'fresh_process_runs',
+           'speed_benchmark', 'SpecXNetDetectorConfig', 'SpecXNetDetector']
 
 # %% ../../nbs/08_specxnet.ipynb #315d5121
 import math, functools, os, time, weakref
@@ -1051,6 +1051,39 @@ def _parse_shapes(shapes:str):
     try: return tuple(tuple(int(v) for v in s.lower().split('x')) for s in shapes.split(','))
     except ValueError: raise ConfigError(f"shapes must look like '299x1,299x8' (size x batch), got {shapes!r}")
 
+def summarize_runs(runs:pd.DataFrame) -> pd.DataFrame:
+    """One row per (size, batch) of `speed_table` rows from several runs: every run's `latency_ratio` in run order,
+    their median, minimum and maximum, and the median latencies and `latency_ratio_best`."""
+    needed = ['size', 'batch', 'latency_ratio', 'specxnet_ms', 'legacy_xception_ms', 'latency_ratio_best']
+    missing = [c for c in needed if c not in runs.columns]
+    if missing: raise ValueError(f"summarize_runs: the table has no column {missing} (it takes speed_table's rows)")
+    rows = []
+    for (size, batch), g in runs.groupby(['size', 'batch'], sort=False):
+        r = g['latency_ratio']
+        rows.append(dict(size=size, batch=batch, runs=len(g), latency_ratio_each=' '.join(f'{v:.2f}' for v in r),
+                         latency_ratio_median=r.median(), latency_ratio_min=r.min(), latency_ratio_max=r.max(),
+                         specxnet_ms_median=g['specxnet_ms'].median(),
+                         legacy_xception_ms_median=g['legacy_xception_ms'].median(),
+                         latency_ratio_best_median=g['latency_ratio_best'].median()))
+    return pd.DataFrame(rows)
+
+def fresh_process_runs(runs:int, **kwargs) -> pd.DataFrame:
+    """`speed_benchmark(**kwargs)` `runs` times, one after another, each in a new Python process, so that no run
+    inherits another's allocator state (which changes how often each model page-faults). Prints each run's output
+    as it ends; returns every run's rows, with a `run` column."""
+    import subprocess, sys, tempfile
+    if runs < 1: raise ConfigError(f"runs must be >= 1, got {runs}")
+    tables = []
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(runs):
+            csv = os.path.join(d, f'run{i + 1}.csv')
+            code = f"from deepfake_course.models.specxnet import speed_benchmark; speed_benchmark(**{dict(kwargs, out=csv)!r})"
+            r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+            if r.returncode: raise RuntimeError(f"benchmark run {i + 1} of {runs} failed (exit {r.returncode}):\n{r.stderr[-3000:]}")
+            print(f"-- run {i + 1} of {runs}, fresh process"); print(r.stdout.replace(f"wrote {csv}\n", ''), end='', flush=True)
+            tables.append(pd.read_csv(csv).assign(run=i + 1))
+    return pd.concat(tables, ignore_index=True)
+
 @call_parse
 def speed_benchmark(
     shapes:str='299x1,299x8,64x8',  # comma-separated SIZExBATCH pairs
@@ -1059,14 +1092,24 @@ def speed_benchmark(
     device:str='cpu',                # cpu or cuda (bf16 autocast)
     reference:store_true=False,      # time SpecXNet's reference (released-code) path instead of the fast path
     keep_memory:store_true=False,    # glibc: malloc keeps freed memory (`keep_freed_memory`), so forwards stop page-faulting
-    out:str=None,                    # also write the table as CSV to this path
+    runs:int=1,                      # above 1: the whole benchmark this many times, each in a fresh process, then every run's ratio and their median
+    out:str=None,                    # also write the table as CSV to this path (with --runs: every run's rows)
 ):
     """Print latency and throughput of SpecXNet and legacy_xception (as built and channels-last) side by side, with
     both latency ratios, page faults per call, parameters, MACs and the load average before and after."""
     if keep_memory and not keep_freed_memory():
         raise ConfigError("--keep_memory needs Linux with glibc (it sets malloc's trim and mmap thresholds)")
+    parsed = _parse_shapes(shapes)
+    if runs != 1:
+        df = fresh_process_runs(runs, shapes=shapes, threads=threads, repeats=repeats, device=device,
+                                reference=reference, keep_memory=keep_memory)
+        print(f"-- {runs} fresh-process runs, one after another (each printed above): latency_ratio per run and summary")
+        with pd.option_context('display.width', 250, 'display.max_columns', 30, 'display.max_colwidth', 200):
+            print(summarize_runs(df).round(3).to_string(index=False))
+        if out: df.to_csv(out, index=False); print(f"wrote {out}")
+        return
     load_before = os.getloadavg()[0]
-    df = speed_table(_parse_shapes(shapes), threads=threads, repeats=repeats, device=device, fast=not reference)
+    df = speed_table(parsed, threads=threads, repeats=repeats, device=device, fast=not reference)
     p = df.attrs['params_M']
     print(f"device {df.attrs['device']}, {df.attrs['threads']} threads, specxnet path: {'reference' if reference else 'fast'}, "
           f"{repeats} interleaved repeats (median); load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
