@@ -297,6 +297,8 @@ def test_cli_runs(tmp_path):
     assert f"{summary['latency_ratio_each'][0]}" in r.stdout
     r = subprocess.run([script, '--runs', '0'], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "runs must be >= 1" in r.stderr
+    r = subprocess.run([script, '--out', str(tmp_path / 'no_such_folder' / 'speed.csv')], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "no_such_folder does not exist" in r.stderr
     r = subprocess.run([script, '--shapes', '40by1'], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "size x batch" in r.stderr
 

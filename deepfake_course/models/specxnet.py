@@ -1100,6 +1100,8 @@ def speed_benchmark(
     if keep_memory and not keep_freed_memory():
         raise ConfigError("--keep_memory needs Linux with glibc (it sets malloc's trim and mmap thresholds)")
     parsed = _parse_shapes(shapes)
+    if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):   # fail now, not after minutes of timing
+        raise ConfigError(f"--out {out}: the folder {os.path.dirname(os.path.abspath(out))} does not exist")
     if runs != 1:
         df = fresh_process_runs(runs, shapes=shapes, threads=threads, repeats=repeats, device=device,
                                 reference=reference, keep_memory=keep_memory)
