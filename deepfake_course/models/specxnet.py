@@ -1108,19 +1108,18 @@ def speed_benchmark(
         print(f"-- {runs} fresh-process runs, one after another (each printed above): latency_ratio per run and summary")
         with pd.option_context('display.width', 250, 'display.max_columns', 30, 'display.max_colwidth', 200):
             print(summarize_runs(df).round(3).to_string(index=False))
-        if out: df.to_csv(out, index=False); print(f"wrote {out}")
-        return
-    load_before = os.getloadavg()[0]
-    df = speed_table(parsed, threads=threads, repeats=repeats, device=device, fast=not reference)
-    p = df.attrs['params_M']
-    print(f"device {df.attrs['device']}, {df.attrs['threads']} threads, specxnet path: {'reference' if reference else 'fast'}, "
-          f"{repeats} interleaved repeats (median); load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
-          f"({os.cpu_count()} cores); malloc: {'keeps freed memory' if keep_memory else 'default'}")
-    print(f"parameters: legacy_xception {p['legacy_xception']:.2f} M, specxnet {p['specxnet']:.2f} M")
-    with pd.option_context('display.width', 250, 'display.max_columns', 30):
-        print(df.round(3).to_string(index=False))
-    print("latency_ratio = specxnet / legacy_xception as built; latency_ratio_best = specxnet / the faster of "
-          "legacy_xception and legacy_xception_cl (channels-last); *_faults = minor page faults per call (median)")
+    else:
+        load_before = os.getloadavg()[0]
+        df = speed_table(parsed, threads=threads, repeats=repeats, device=device, fast=not reference)
+        p = df.attrs['params_M']
+        print(f"device {df.attrs['device']}, {df.attrs['threads']} threads, specxnet path: {'reference' if reference else 'fast'}, "
+              f"{repeats} interleaved repeats (median); load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
+              f"({os.cpu_count()} cores); malloc: {'keeps freed memory' if keep_memory else 'default'}")
+        print(f"parameters: legacy_xception {p['legacy_xception']:.2f} M, specxnet {p['specxnet']:.2f} M")
+        with pd.option_context('display.width', 250, 'display.max_columns', 30):
+            print(df.round(3).to_string(index=False))
+        print("latency_ratio = specxnet / legacy_xception as built; latency_ratio_best = specxnet / the faster of "
+              "legacy_xception and legacy_xception_cl (channels-last); *_faults = minor page faults per call (median)")
     if out: df.to_csv(out, index=False); print(f"wrote {out}")
 
 # %% ../../nbs/08_specxnet.ipynb #a92ded65
