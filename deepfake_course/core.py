@@ -7,7 +7,7 @@ __all__ = ['SCALES', 'DFCError', 'ImageFormatError', 'DataError', 'ChecksumError
            'get_device', 'mixed_precision_for', 'autocast', 'seed_everything', 'torch_generator', 'ScalePreset',
            'get_scale', 'in_test', 'budget', 'dfc_home', 'cache_path', 'sha256_file', 'atomic_dir', 'save_json',
            'load_json', 'JSONConfig', 'gray_to_rgb', 'image_to_tensor', 'tensor_to_image', 'Registry', 'num_params',
-           'set_cpu_threads', 'show_images']
+           'set_cpu_threads', 'progress_bar', 'show_images']
 
 # %% ../nbs/00_core.ipynb #2e20d6c6
 import os, random, json, hashlib, shutil, tempfile, contextlib, math
@@ -258,6 +258,40 @@ def set_cpu_threads(n:int|None=None) -> int:
     n = n or int(os.environ.get('DFC_THREADS', 0)) or os.cpu_count() or 1
     torch.set_num_threads(n)
     return n
+
+# %% ../nbs/00_core.ipynb #cb146557
+def _notebook_bar_class():
+    "tqdm's notebook bar whose output becomes its final text when it closes; None where tqdm.notebook is unavailable."
+    try:
+        from tqdm.notebook import tqdm as notebook_tqdm
+        from IPython.display import display
+    except ImportError: return None
+    class NotebookProgressBar(notebook_tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, 'display': False})
+            self._handle = None
+            if not self.disable:   # displayed here, with an id, so that `close` can replace what is shown
+                self._handle = display(self.container, display_id=True); self.displayed = True
+        def close(self):
+            handle, self._handle = getattr(self, '_handle', None), None
+            super().close()
+            if handle is None: return
+            finished = not self.total or self.n >= self.total
+            handle.update({'text/plain': '' if finished and not self.leave else str(self)}, raw=True)
+    return NotebookProgressBar
+
+def progress_bar(iterable=None, notebook:bool|None=None, **kwargs):
+    """`tqdm.auto.tqdm(iterable, **kwargs)`; in Jupyter (or with `notebook=True`) a widget whose output is replaced
+    by the bar's final text when it closes (nothing when it finished with `leave=False`), so that saved notebooks
+    show where it ended."""
+    from tqdm.auto import tqdm as auto_tqdm
+    if notebook is None:
+        try: from tqdm.notebook import tqdm as notebook_tqdm
+        except ImportError: notebook_tqdm = None
+        notebook = notebook_tqdm is not None and issubclass(auto_tqdm, notebook_tqdm)
+    cls = _notebook_bar_class() if notebook else None
+    if notebook and cls is None: raise ImportError("progress_bar(notebook=True) needs tqdm.notebook, IPython and ipywidgets")
+    return (cls or auto_tqdm)(iterable, **kwargs)
 
 # %% ../nbs/00_core.ipynb #396d39af
 def _as_display(img) -> np.ndarray:

@@ -29,7 +29,8 @@ from safetensors.torch import save_file, load_file
 from diffusers import UNet2DModel, DDPMScheduler, DDIMScheduler
 
 from .core import (JSONConfig, ConfigError, DataError, ChecksumError, TrainingError, MetricError, ImageFormatError, cache_path, atomic_dir,
-                                  sha256_file, save_json, load_json, seed_everything, torch_generator, get_device, num_params)
+                                  sha256_file, save_json, load_json, seed_everything, torch_generator, get_device, num_params,
+                                  progress_bar)
 from .data.sources import mnist, lfw_faces
 
 # %% ../nbs/09_diffusion.ipynb #e6480f07
@@ -202,7 +203,7 @@ def train_teacher(cfg:TeacherConfig, images:torch.Tensor, steps:int|None=None, d
     t0, window = time.time(), []
     it = range(steps)
     if progress:
-        from tqdm.auto import tqdm; it = tqdm(it, desc='teacher')
+        it = progress_bar(it, desc='teacher')
     for step in it:
         idx = torch.randint(0, len(images), (cfg.batch_size,), generator=g)
         loss = diffusion_loss(unet, images[idx].to(device), ac, cfg.prediction_type, generator=g, num_train_timesteps=cfg.num_train_timesteps)

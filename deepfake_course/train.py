@@ -19,11 +19,11 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
-from tqdm.auto import tqdm
 from safetensors.torch import save_file, load_file
 
 from .core import (Registry, ConfigError, DataError, TrainingError, get_device, mixed_precision_for,
-                                  seed_everything, torch_generator, save_json, load_json, dfc_home, num_params)
+                                  seed_everything, torch_generator, save_json, load_json, dfc_home, num_params,
+                                  progress_bar)
 from .metrics import detection_metrics
 
 # %% ../nbs/06_training.ipynb #0aff3397
@@ -232,7 +232,7 @@ def predict(detector:Detector, dataset:Dataset, batch_size:int=128, device:str|t
     detector = detector.to(dev).eval()
     dl = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=_collate)
     rows = {k: [] for k in ('prob', 'label', 'video', 'family', 'path')}
-    for batch in tqdm(dl, desc='predict', disable=not progress, leave=False):
+    for batch in progress_bar(dl, desc='predict', disable=not progress, leave=False):
         batch = {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         with autocast(dev): logits = detector(batch)['logits']
         n = len(logits)
@@ -331,7 +331,7 @@ class Trainer:
             skip = pos['batch_in_epoch'] if epoch == pos['epoch'] else 0
             epoch_dl = acc.skip_first_batches(dl, skip) if skip else dl
             sums, count = pos.get('loss_sums', {}) if skip else {}, pos.get('loss_count', 0) if skip else 0
-            bar = tqdm(epoch_dl, total=len(dl), initial=skip, desc=f'epoch {epoch + 1}/{c.epochs}',
+            bar = progress_bar(epoch_dl, total=len(dl), initial=skip, desc=f'epoch {epoch + 1}/{c.epochs}',
                        disable=not c.progress or not acc.is_local_main_process, leave=False)
             for i, batch in enumerate(bar, start=skip):
                 with acc.accumulate(model):

@@ -8,7 +8,7 @@ from hypothesis.extra.numpy import arrays
 
 from deepfake_course.core import (image_to_tensor, tensor_to_image, gray_to_rgb, ImageFormatError, ConfigError,
                                   DataError, get_scale, dfc_home, atomic_dir, save_json, load_json, sha256_file,
-                                  seed_everything, Registry, get_device)
+                                  seed_everything, Registry, get_device, progress_bar)
 
 
 @settings(max_examples=50, deadline=None)
@@ -116,3 +116,10 @@ def test_registry_accepts_the_same_definition_again():
     @r.register('a')
     class A: pass   # noqa: F811 -- the same definition, run again
     assert r.get('a') is A and r.get('a') is not first and len(r) == 1
+
+
+def test_progress_bar_counts_and_closes():
+    assert [i * 2 for i in progress_bar(range(4), desc='t')] == [0, 2, 4, 6]
+    bar = progress_bar(range(3), notebook=True, desc='nb')   # the Jupyter flavour, outside a kernel
+    assert list(bar) == [0, 1, 2] and '3/3' in str(bar) and bar._handle is None
+    assert list(progress_bar(range(2), disable=True)) == [0, 1]

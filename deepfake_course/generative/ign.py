@@ -22,7 +22,7 @@ from safetensors.torch import save_file, load_file
 
 from ..core import (JSONConfig, ConfigError, DataError, ChecksumError, ImageFormatError, TrainingError, MetricError,
                                   cache_path, atomic_dir, sha256_file, save_json, load_json, seed_everything,
-                                  torch_generator, get_device, autocast, num_params)
+                                  torch_generator, get_device, autocast, num_params, progress_bar)
 from ..diffusion import NFECounter
 
 # %% ../../nbs/11_ign.ipynb #fa95024f
@@ -151,7 +151,7 @@ def train_ign(cfg:IGNConfig, images:torch.Tensor, steps:int|None=None, device=No
     history, window, t0 = [], [], time.time()
     it = range(steps)
     if progress:
-        from tqdm.auto import tqdm; it = tqdm(it, desc='IGN', mininterval=10)
+        it = progress_bar(it, desc='IGN', mininterval=10)
     for step in it:
         x = images[torch.randint(0, len(images), (cfg.batch_size,), generator=g)].to(device)
         z = torch.randn(x.shape, generator=g).to(device)

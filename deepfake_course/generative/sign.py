@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file, load_file
 
 from ..core import (JSONConfig, ConfigError, DataError, ChecksumError, TrainingError, cache_path, atomic_dir, sha256_file,
-                                  save_json, load_json, seed_everything, torch_generator, get_device, autocast)
+                                  save_json, load_json, seed_everything, torch_generator, get_device, autocast,
+                                  progress_bar)
 from ..diffusion import Teacher, predicted_x0, q_sample, diffusion_loss, NFECounter
 from .ign import (distance, frozen_copy, refresh_frozen, check_images, idempotent_sample)
 
@@ -80,7 +81,7 @@ def teacher_pairs(teacher:Teacher, n:int, num_steps:int=50, batch_size:int=64, s
     zs, xs, t0 = [], [], time.time()
     it = range(0, n, batch_size)
     if progress:
-        from tqdm.auto import tqdm; it = tqdm(it, desc='teacher pairs')
+        it = progress_bar(it, desc='teacher pairs')
     with NFECounter(unet) as counter:
         for start in it:
             z = torch.randn((min(batch_size, n - start), c, s, s), generator=g)
@@ -191,7 +192,7 @@ def train_sign(cfg:SIGNConfig, teacher:Teacher, images:torch.Tensor, device=None
     history, window, t1 = [], [], time.time()
     it = range(cfg.steps)
     if progress:
-        from tqdm.auto import tqdm; it = tqdm(it, desc='SIGN', mininterval=10)
+        it = progress_bar(it, desc='SIGN', mininterval=10)
     for step in it:
         x = images[torch.randint(0, len(images), (cfg.batch_size,), generator=g)].to(device)
         z = torch.randn(x.shape, generator=g).to(device)
