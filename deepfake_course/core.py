@@ -10,7 +10,7 @@ __all__ = ['SCALES', 'DFCError', 'ImageFormatError', 'DataError', 'ChecksumError
            'set_cpu_threads', 'progress_bar', 'show_images']
 
 # %% ../nbs/00_core.ipynb #2e20d6c6
-import os, random, json, hashlib, shutil, tempfile, contextlib, math
+import os, random, json, hashlib, shutil, tempfile, contextlib, math, functools
 from dataclasses import dataclass, asdict, fields
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -260,6 +260,7 @@ def set_cpu_threads(n:int|None=None) -> int:
     return n
 
 # %% ../nbs/00_core.ipynb #cb146557
+@functools.lru_cache(maxsize=None)
 def _notebook_bar_class():
     "tqdm's notebook bar whose output becomes its final text when it closes; None where tqdm.notebook is unavailable."
     try:
