@@ -286,13 +286,10 @@ def progress_bar(iterable=None, notebook:bool|None=None, **kwargs):
     by the bar's final text when it closes (nothing when it finished with `leave=False`), so that saved notebooks
     show where it ended."""
     from tqdm.auto import tqdm as auto_tqdm
-    if notebook is None:
-        try: from tqdm.notebook import tqdm as notebook_tqdm
-        except ImportError: notebook_tqdm = None
-        notebook = notebook_tqdm is not None and issubclass(auto_tqdm, notebook_tqdm)
-    cls = _notebook_bar_class() if notebook else None
-    if notebook and cls is None: raise ImportError("progress_bar(notebook=True) needs tqdm.notebook, IPython and ipywidgets")
-    return (cls or auto_tqdm)(iterable, **kwargs)
+    bar_class = _notebook_bar_class()   # None without tqdm.notebook and IPython
+    if notebook is None: notebook = bar_class is not None and issubclass(auto_tqdm, bar_class.__base__)   # tqdm.auto chose its notebook bar
+    if notebook and bar_class is None: raise ImportError("progress_bar(notebook=True) needs tqdm.notebook, IPython and ipywidgets")
+    return (bar_class if notebook else auto_tqdm)(iterable, **kwargs)
 
 # %% ../nbs/00_core.ipynb #396d39af
 def _as_display(img) -> np.ndarray:
