@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 from deepfake_course.core import ConfigError, seed_everything
 from deepfake_course.models.specxnet import (FourierUnit, SpectralTransform, DDFC, DDFCUnit, DualFourierAttention,
     FFCSeparableConv2d, FFCBlock, specxnet, specxnet_config, set_fast_path, add_upsampled_2x2, nearest_split,
-    speed_table, summarize_runs, MIN_INPUT_SIZE, pointwise, conv_fast, is_channels_last, HADAMARD_2x2)
+    speed_table, summarize_runs, cpu_description, MIN_INPUT_SIZE, pointwise, conv_fast, is_channels_last, HADAMARD_2x2)
 
 torch.set_num_threads(1)
 
@@ -287,14 +287,17 @@ def test_cli_runs(tmp_path):
     assert 'latency_ratio' in r.stdout and 'latency_ratio_best' in r.stdout and 'mac_ratio' in r.stdout and out.exists()
     assert 'load average' in r.stdout and 'legacy_xception_cl_ms' in r.stdout
     assert 'specxnet_faults' in r.stdout and 'malloc: default' in r.stdout
+    assert f"({torch.backends.cpu.get_cpu_capability()}), 1 threads" in r.stdout   # the CPU and its instruction set
     assert '-- run 1 of 2, fresh process' in r.stdout and '-- run 2 of 2, fresh process' in r.stdout
     assert r.stdout.count('parameters: legacy_xception') == 2 and 'latency_ratio_median' in r.stdout
     runs = pd.read_csv(out)
     assert list(runs['run']) == [1, 2] and (runs['size'] == 40).all()
+    assert (runs['processor'] == cpu_description()).all() and set(runs['kernels']) <= {'blas', 'onednn'}
+    assert f"fast ({runs['kernels'][0]} kernels)" in r.stdout
     summary = summarize_runs(runs)
     assert summary['latency_ratio_each'][0] == ' '.join(f'{v:.2f}' for v in runs['latency_ratio'])
     assert summary['latency_ratio_median'][0] == pytest.approx(runs['latency_ratio'].median())
-    assert f"{summary['latency_ratio_each'][0]}" in r.stdout
+    assert f"{summary['latency_ratio_each'][0]}" in r.stdout and summary['kernels_each'][0] in r.stdout
     r = subprocess.run([script, '--runs', '0'], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "runs must be >= 1" in r.stderr
     r = subprocess.run([script, '--out', str(tmp_path / 'no_such_folder' / 'speed.csv')], capture_output=True, text=True, timeout=300)

@@ -13,8 +13,8 @@ __all__ = ['KERNEL_BACKENDS', 'DFT_MATMUL_MAX_SIZE', 'DFT_RADIX2_MAX_SIZE', 'HAD
            'fourier_unit_radix2_outer', 'FourierUnit', 'lfu_matrices', 'SpectralTransform', 'split_channels', 'DDFC',
            'DualFourierAttention', 'DDFCUnit', 'FFCSeparableConv2d', 'tuple_relu', 'FFCBlock', 'scaled_channels',
            'SpecXNetConfig', 'specxnet_config', 'SpecXNet', 'specxnet', 'profile_by_category', 'count_macs',
-           'minor_faults', 'keep_freed_memory', 'time_forward', 'speed_table', 'summarize_runs', 'fresh_process_runs',
-           'speed_benchmark', 'SpecXNetDetectorConfig', 'SpecXNetDetector']
+           'minor_faults', 'cpu_description', 'keep_freed_memory', 'time_forward', 'speed_table', 'summarize_runs',
+           'fresh_process_runs', 'speed_benchmark', 'SpecXNetDetectorConfig', 'SpecXNetDetector']
 
 # %% ../../nbs/08_specxnet.ipynb #315d5121
 import math, functools, os, time, weakref
@@ -967,6 +967,16 @@ def minor_faults() -> int|None:
     except ImportError: return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
+def cpu_description() -> str:
+    """The CPU's model name (`/proc/cpuinfo` on Linux, else `platform.processor()`) and the vector instruction set
+    PyTorch's own kernels use on it, e.g. 'AMD EPYC (AVX2)'. Speed ratios depend on both, so benchmarks print it."""
+    import platform
+    name = ''
+    try:
+        with open('/proc/cpuinfo') as f: name = next((l.split(':', 1)[1].strip() for l in f if l.startswith('model name')), '')
+    except OSError: pass
+    return f"{name or platform.processor() or platform.machine() or 'unknown CPU'} ({torch.backends.cpu.get_cpu_capability()})"
+
 def keep_freed_memory() -> bool:
     """glibc only, for the whole process: malloc keeps the memory that tensors free instead of returning it to the
     operating system (no trimming; blocks up to 32 MB from the heap), so that repeated forwards stop page-faulting.
@@ -1044,6 +1054,9 @@ def speed_table(shapes=((299, 1), (299, 8), (64, 8)), threads:int|None=2, repeat
     df = pd.DataFrame(rows)
     df.attrs['params_M'] = {k: num_params(m) / 1e6 for k, m in models.items() if not k.endswith('_cl')}
     df.attrs['threads'] = torch.get_num_threads(); df.attrs['device'] = str(dev)
+    df.attrs['processor'] = torch.cuda.get_device_name(dev) if dev.type == 'cuda' else cpu_description()
+    # the library of SpecXNet's fast-path products: calibrated once per process, so it can differ from run to run
+    df.attrs['kernels'] = kernel_backend() if fast and dev.type == 'cpu' else 'aten'
     return df
 
 # %% ../../nbs/08_specxnet.ipynb #b951e4d4
@@ -1053,7 +1066,8 @@ def _parse_shapes(shapes:str):
 
 def summarize_runs(runs:pd.DataFrame) -> pd.DataFrame:
     """One row per (size, batch) of `speed_table` rows from several runs: every run's `latency_ratio` in run order,
-    their median, minimum and maximum, and the median latencies and `latency_ratio_best`."""
+    their median, minimum and maximum, the median latencies and `latency_ratio_best`, and each run's fast-path
+    kernel library where the rows have a `kernels` column (the console script's do)."""
     needed = ['size', 'batch', 'latency_ratio', 'specxnet_ms', 'legacy_xception_ms', 'latency_ratio_best']
     missing = [c for c in needed if c not in runs.columns]
     if missing: raise ValueError(f"summarize_runs: the table has no column {missing} (it takes speed_table's rows)")
@@ -1064,7 +1078,8 @@ def summarize_runs(runs:pd.DataFrame) -> pd.DataFrame:
                          latency_ratio_median=r.median(), latency_ratio_min=r.min(), latency_ratio_max=r.max(),
                          specxnet_ms_median=g['specxnet_ms'].median(),
                          legacy_xception_ms_median=g['legacy_xception_ms'].median(),
-                         latency_ratio_best_median=g['latency_ratio_best'].median()))
+                         latency_ratio_best_median=g['latency_ratio_best'].median(),
+                         **({'kernels_each': ' '.join(g['kernels'])} if 'kernels' in g else {})))
     return pd.DataFrame(rows)
 
 def fresh_process_runs(runs:int, **kwargs) -> pd.DataFrame:
@@ -1112,7 +1127,8 @@ def speed_benchmark(
         load_before = os.getloadavg()[0]
         df = speed_table(parsed, threads=threads, repeats=repeats, device=device, fast=not reference)
         p = df.attrs['params_M']
-        print(f"device {df.attrs['device']}, {df.attrs['threads']} threads, specxnet path: {'reference' if reference else 'fast'}, "
+        print(f"device {df.attrs['device']}: {df.attrs['processor']}, {df.attrs['threads']} threads, specxnet path: "
+              f"{'reference' if reference else 'fast'} ({df.attrs['kernels']} kernels), "
               f"{repeats} interleaved repeats (median); load average {load_before:.2f} before, {os.getloadavg()[0]:.2f} after "
               f"({os.cpu_count()} cores); malloc: {'keeps freed memory' if keep_memory else 'default'}")
         print(f"parameters: legacy_xception {p['legacy_xception']:.2f} M, specxnet {p['specxnet']:.2f} M")
@@ -1120,6 +1136,7 @@ def speed_benchmark(
             print(df.round(3).to_string(index=False))
         print("latency_ratio = specxnet / legacy_xception as built; latency_ratio_best = specxnet / the faster of "
               "legacy_xception and legacy_xception_cl (channels-last); *_faults = minor page faults per call (median)")
+        df = df.assign(processor=df.attrs['processor'], kernels=df.attrs['kernels'])   # in the CSV too: where each run ran, on which kernels
     if out: df.to_csv(out, index=False); print(f"wrote {out}")
 
 # %% ../../nbs/08_specxnet.ipynb #a92ded65
