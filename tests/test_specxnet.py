@@ -536,6 +536,23 @@ def test_kernel_backend_setting_and_calibration(backend):
     with pytest.raises(ConfigError, match='kernel backend must be one of'): sx.set_kernel_backend('mkl')
 
 
+def test_auto_backend_times_the_calibration_shapes_and_keeps_the_faster(monkeypatch):
+    """'auto' times `CALIBRATION_SHAPES` (batch-1 products and one as large as a batch of eight) and keeps the
+    library with the smaller total; the choice is cached per thread count."""
+    seen = []
+    def fake(rounds=5, shapes=None):
+        seen.append(shapes); return {'blas': 1.0, 'onednn': 2.0} if len(seen) == 1 else {'blas': 2.0, 'onednn': 1.0}
+    monkeypatch.setattr(sx, 'kernel_calibration', fake)
+    monkeypatch.setattr(sx, 'onednn_available', lambda: True)
+    sx._calibrated_backend.cache_clear()
+    try:
+        assert sx.kernel_backend() == 'blas' and sx.kernel_backend() == 'blas'   # cached: timed once
+        assert seen == [sx.CALIBRATION_SHAPES] and max(s for _, _, s in sx.CALIBRATION_SHAPES) ** 2 >= 8 * 18 ** 2
+        sx._calibrated_backend.cache_clear()
+        assert sx.kernel_backend() == 'onednn' and len(seen) == 2
+    finally: sx._calibrated_backend.cache_clear()
+
+
 # ---------------------------------------------------------------- ReLUs fused into the last sum, LFU as products, z + FU(z)
 @pytest.mark.parametrize('h,w', [(18, 18), (19, 19), (7, 10), (2, 2), (1, 5)])
 def test_lfu_matrices_are_pool_hadamard_and_upsample(h, w):
