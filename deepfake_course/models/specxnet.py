@@ -254,8 +254,7 @@ def kernel_calibration(rounds:int=5, shapes=((364, 364, 18), (128, 128, 74))) ->
     return {k: float(np.median(v)) for k, v in times.items()}
 
 # what `kernel_backend` times: a middle-flow and an entry-flow product at batch 1, and the middle-flow product on a
-# 51 x 51 map, about eight images' pixels. Where the libraries tie at batch 1 (an AVX2 Zen 3 CPU), the large product
-# decides: there oneDNN ran it in 20.5 ms against BLAS's 26.8, and the whole model at batch 8 in 3.61 s against 4.38.
+# 51 x 51 map, about eight images' pixels, which decides where the libraries tie at batch 1 (lesson 08's Kernels section)
 CALIBRATION_SHAPES = ((364, 364, 18), (128, 128, 74), (364, 364, 51))
 
 @functools.lru_cache(maxsize=None)
