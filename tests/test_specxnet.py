@@ -280,8 +280,9 @@ def test_bad_inputs():
 def test_cli_runs(tmp_path):
     out = tmp_path / 'speed.csv'
     script = shutil.which('dfc-speed-bench') or str(Path(sys.executable).parent / 'dfc-speed-bench')
-    # --runs 2: the benchmark twice, each in a fresh process (each prints the single-run table), then a summary
-    r = subprocess.run([script, '--shapes', '40x1', '--threads', '1', '--repeats', '1', '--runs', '2', '--out', str(out)],
+    # --runs 2: the benchmark twice, each in a fresh process (each prints the single-run table), then a summary;
+    # --streams 2: also two forwards side by side per model, and the split bound
+    r = subprocess.run([script, '--shapes', '40x1', '--threads', '1', '--repeats', '1', '--runs', '2', '--streams', '2', '--out', str(out)],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert 'latency_ratio' in r.stdout and 'latency_ratio_best' in r.stdout and 'mac_ratio' in r.stdout and out.exists()
@@ -298,12 +299,18 @@ def test_cli_runs(tmp_path):
     assert summary['latency_ratio_each'][0] == ' '.join(f'{v:.2f}' for v in runs['latency_ratio'])
     assert summary['latency_ratio_median'][0] == pytest.approx(runs['latency_ratio'].median())
     assert f"{summary['latency_ratio_each'][0]}" in r.stdout and summary['kernels_each'][0] in r.stdout
+    assert list(runs['split_bound']) == pytest.approx(list(runs['specxnet_streams_ms'] / runs['legacy_xception_ms']))
+    assert list(runs['streams_ratio']) == pytest.approx(list(runs['specxnet_streams_ms'] / runs['legacy_xception_streams_ms']))
+    assert summary['split_bound_each'][0] == ' '.join(f'{v:.2f}' for v in runs['split_bound'])
+    assert 'split_bound_median' in r.stdout and r.stdout.count('split_bound = specxnet_streams_ms') == 2
     r = subprocess.run([script, '--runs', '0'], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "runs must be >= 1" in r.stderr
     r = subprocess.run([script, '--out', str(tmp_path / 'no_such_folder' / 'speed.csv')], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "no_such_folder does not exist" in r.stderr
     r = subprocess.run([script, '--shapes', '40by1'], capture_output=True, text=True, timeout=300)
     assert r.returncode != 0 and "size x batch" in r.stderr
+    r = subprocess.run([script, '--streams', '-1'], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "--streams must be >= 0" in r.stderr
 
 
 KEEP_MEMORY_PROBE = '''

@@ -13,11 +13,12 @@ __all__ = ['KERNEL_BACKENDS', 'CALIBRATION_SHAPES', 'DFT_MATMUL_MAX_SIZE', 'DFT_
            'interleaved_to_qc', 'fourier_unit_radix2_outer', 'FourierUnit', 'lfu_matrices', 'SpectralTransform',
            'split_channels', 'DDFC', 'DualFourierAttention', 'DDFCUnit', 'FFCSeparableConv2d', 'tuple_relu', 'FFCBlock',
            'scaled_channels', 'SpecXNetConfig', 'specxnet_config', 'SpecXNet', 'specxnet', 'profile_by_category',
-           'count_macs', 'minor_faults', 'cpu_description', 'keep_freed_memory', 'time_forward', 'speed_table',
-           'summarize_runs', 'fresh_process_runs', 'speed_benchmark', 'SpecXNetDetectorConfig', 'SpecXNetDetector']
+           'count_macs', 'minor_faults', 'cpu_description', 'keep_freed_memory', 'time_forward', 'side_by_side',
+           'speed_table', 'summarize_runs', 'fresh_process_runs', 'speed_benchmark', 'SpecXNetDetectorConfig',
+           'SpecXNetDetector']
 
 # %% ../../nbs/08_specxnet.ipynb #315d5121
-import math, functools, os, time, weakref
+import math, functools, os, threading, time, weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -1002,6 +1003,36 @@ def time_forward(model:nn.Module, x:torch.Tensor, repeats:int=3, warmup:int=1) -
             if i >= warmup: times.append(time.perf_counter() - t0)
     return float(np.median(times))
 
+def side_by_side(model:nn.Module, x:torch.Tensor, streams:int=2, repeats:int=3) -> float:
+    """Seconds per forward when `streams` forwards of `model(x)` run at once, one per Python thread with one intra-op
+    thread each (the median call over all streams, divided by `streams`), after one warm-up call per stream. With
+    as many streams as cores, this is what the cores deliver on whole forwards: a schedule that splits one forward
+    between them cannot beat it without doing less work. The fast path's kernel library is pinned to the caller's
+    for the streams."""
+    if streams < 1 or repeats < 1: raise ConfigError(f"side_by_side needs streams >= 1 and repeats >= 1, got {streams} and {repeats}")
+    if x.device.type != 'cpu': raise ConfigError(f"side_by_side times CPU threads; the input is on {x.device}")
+    setting, threads = _kernel_setting['backend'], torch.get_num_threads()
+    barrier, times, errors = threading.Barrier(streams), [], []
+    def stream():
+        try:
+            torch.set_num_threads(1)   # this thread's own setting (OpenMP and MKL keep one per thread)
+            with torch.inference_mode():
+                model(x)
+                barrier.wait()
+                for _ in range(repeats):
+                    t0 = time.perf_counter(); model(x); times.append(time.perf_counter() - t0)
+        except BaseException as e:
+            errors.append(e); barrier.abort()
+    set_kernel_backend(kernel_backend())   # no calibration inside the streams, where the other streams would disturb it
+    try:
+        workers = [threading.Thread(target=stream, name=f'side_by_side_{i}') for i in range(streams)]
+        for w in workers: w.start()
+        for w in workers: w.join()
+    finally:   # torch also keeps the last count set in any thread as the default for threads it starts later
+        set_kernel_backend(setting); torch.set_num_threads(threads)
+    if errors: raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
+    return float(np.median(times)) / streams
+
 def _bench_models(fast:bool=True, device='cpu'):
     """legacy_xception as timm builds it (NCHW) and in channels-last memory format, and the paper-scale SpecXNet
     (its fast path works in channels-last internally), 2-class heads, random weights, eval mode."""
@@ -1014,13 +1045,19 @@ def _bench_models(fast:bool=True, device='cpu'):
     return {k: m.eval().to(device) for k, m in models.items()}
 
 def speed_table(shapes=((299, 1), (299, 8), (64, 8)), threads:int|None=2, repeats:int=5, device:str='cpu',
-                fast:bool=True, macs:bool=True, seed:int=0) -> pd.DataFrame:
+                fast:bool=True, macs:bool=True, seed:int=0, streams:int=0) -> pd.DataFrame:
     """Latency (median of `repeats` warm calls, ms) and throughput of legacy_xception (as built, and channels-last)
     and SpecXNet side by side, one row per (size, batch). `latency_ratio` is SpecXNet over the default
     legacy_xception (ratio of medians; `ratio_p25` and `ratio_p75` are the quartiles of the per-repeat ratio),
     `latency_ratio_best` over the faster of its two memory formats. `*_faults`: median minor page faults per call
     (fresh memory the kernel maps on first touch, each costing microseconds; NaN where unavailable). On CUDA all run
-    under the course's bf16 autocast."""
+    under the course's bf16 autocast.
+    `streams` (CPU; 0: none): also `side_by_side` for SpecXNet and the default legacy_xception (`*_streams_ms`, ms
+    per forward), their ratio `streams_ratio`, and `split_bound`, SpecXNet's side-by-side time over
+    legacy_xception's latency: with as many streams as threads, the least `latency_ratio` that splitting SpecXNet's
+    forward between the threads could reach without doing less work."""
+    if streams < 0: raise ConfigError(f"streams must be >= 0 (0: no side-by-side timing), got {streams}")
+    if streams and torch.device(device).type != 'cpu': raise ConfigError(f"streams time CPU threads; device is {device!r}")
     if threads: torch.set_num_threads(threads)
     dev = torch.device(device)
     models = _bench_models(fast, dev)
@@ -1048,6 +1085,11 @@ def speed_table(shapes=((299, 1), (299, 8), (64, 8)), threads:int|None=2, repeat
         per_round = np.array(times['specxnet']) / np.array(times['legacy_xception'])
         row['ratio_p25'], row['ratio_p75'] = np.percentile(per_round, [25, 75])
         row['latency_ratio_best'] = row['specxnet_ms'] / min(row['legacy_xception_ms'], row['legacy_xception_cl_ms'])
+        if streams:
+            for name in ('legacy_xception', 'specxnet'):
+                row[f'{name}_streams_ms'] = 1e3 * side_by_side(models[name], inputs[name], streams, repeats)
+            row['streams_ratio'] = row['specxnet_streams_ms'] / row['legacy_xception_streams_ms']
+            row['split_bound'] = row['specxnet_streams_ms'] / row['legacy_xception_ms']
         if macs:
             row['xception_GMACs'] = count_macs(models['legacy_xception'], x[:1]) / 1e9
             sx = set_fast_path(models['specxnet'], False)   # the architecture's MACs: count the released-code path
@@ -1071,7 +1113,8 @@ def _parse_shapes(shapes:str):
 def summarize_runs(runs:pd.DataFrame) -> pd.DataFrame:
     """One row per (size, batch) of `speed_table` rows from several runs: every run's `latency_ratio` in run order,
     their median, minimum and maximum, the median latencies and `latency_ratio_best`, and each run's fast-path
-    kernel library where the rows have a `kernels` column (the console script's do)."""
+    kernel library where the rows have a `kernels` column (the console script's do), and with `--streams` each run's
+    `split_bound` and the medians of `split_bound` and `streams_ratio`."""
     needed = ['size', 'batch', 'latency_ratio', 'specxnet_ms', 'legacy_xception_ms', 'latency_ratio_best']
     missing = [c for c in needed if c not in runs.columns]
     if missing: raise ValueError(f"summarize_runs: the table has no column {missing} (it takes speed_table's rows)")
@@ -1083,6 +1126,9 @@ def summarize_runs(runs:pd.DataFrame) -> pd.DataFrame:
                          specxnet_ms_median=g['specxnet_ms'].median(),
                          legacy_xception_ms_median=g['legacy_xception_ms'].median(),
                          latency_ratio_best_median=g['latency_ratio_best'].median(),
+                         **({'split_bound_each': ' '.join(f'{v:.2f}' for v in g['split_bound']),
+                             'split_bound_median': g['split_bound'].median(),
+                             'streams_ratio_median': g['streams_ratio'].median()} if 'split_bound' in g else {}),
                          **({'kernels_each': ' '.join(g['kernels'])} if 'kernels' in g else {})))
     return pd.DataFrame(rows)
 
@@ -1112,6 +1158,7 @@ def speed_benchmark(
     reference:store_true=False,      # time SpecXNet's reference (released-code) path instead of the fast path
     keep_memory:store_true=False,    # glibc: malloc keeps freed memory (`keep_freed_memory`), so forwards stop page-faulting
     runs:int=1,                      # above 1: the whole benchmark this many times, each in a fresh process, then every run's ratio and their median
+    streams:int=0,                   # CPU: also this many forwards side by side, one thread each (`side_by_side`), and `split_bound`
     out:str=None,                    # also write the table as CSV to this path (with --runs: every run's rows)
 ):
     """Print latency and throughput of SpecXNet and legacy_xception (as built and channels-last) side by side, with
@@ -1119,17 +1166,18 @@ def speed_benchmark(
     if keep_memory and not keep_freed_memory():
         raise ConfigError("--keep_memory needs Linux with glibc (it sets malloc's trim and mmap thresholds)")
     parsed = _parse_shapes(shapes)
+    if streams < 0: raise ConfigError(f"--streams must be >= 0 (0: no side-by-side timing), got {streams}")
     if out and not os.path.isdir(os.path.dirname(os.path.abspath(out))):   # fail now, not after minutes of timing
         raise ConfigError(f"--out {out}: the folder {os.path.dirname(os.path.abspath(out))} does not exist")
     if runs != 1:
         df = fresh_process_runs(runs, shapes=shapes, threads=threads, repeats=repeats, device=device,
-                                reference=reference, keep_memory=keep_memory)
+                                reference=reference, keep_memory=keep_memory, streams=streams)
         print(f"-- {runs} fresh-process runs, one after another (each printed above): latency_ratio per run and summary")
         with pd.option_context('display.width', 250, 'display.max_columns', 30, 'display.max_colwidth', 200):
             print(summarize_runs(df).round(3).to_string(index=False))
     else:
         load_before = os.getloadavg()[0]
-        df = speed_table(parsed, threads=threads, repeats=repeats, device=device, fast=not reference)
+        df = speed_table(parsed, threads=threads, repeats=repeats, device=device, fast=not reference, streams=streams)
         p = df.attrs['params_M']
         print(f"device {df.attrs['device']}: {df.attrs['processor']}, {df.attrs['threads']} threads, specxnet path: "
               f"{'reference' if reference else 'fast'} ({df.attrs['kernels']} kernels), "
@@ -1140,6 +1188,10 @@ def speed_benchmark(
             print(df.round(3).to_string(index=False))
         print("latency_ratio = specxnet / legacy_xception as built; latency_ratio_best = specxnet / the faster of "
               "legacy_xception and legacy_xception_cl (channels-last); *_faults = minor page faults per call (median)")
+        if streams:
+            print(f"*_streams_ms = ms per forward with {streams} forwards side by side, one thread each; streams_ratio = "
+                  "specxnet / legacy_xception there; split_bound = specxnet_streams_ms / legacy_xception_ms, the least "
+                  "latency_ratio that splitting one SpecXNet forward between the threads could reach without less work")
         df = df.assign(processor=df.attrs['processor'], kernels=df.attrs['kernels'])   # in the CSV too: where each run ran, on which kernels
     if out: df.to_csv(out, index=False); print(f"wrote {out}")
 
