@@ -1007,8 +1007,8 @@ def side_by_side(model:nn.Module, x:torch.Tensor, streams:int=2, repeats:int=3) 
     """Seconds per forward when `streams` forwards of `model(x)` run at once, one per Python thread with one intra-op
     thread each (the median call over all streams, divided by `streams`), after one warm-up call per stream. With
     as many streams as cores, this is what the cores deliver on whole forwards: a schedule that splits one forward
-    between them cannot beat it without doing less work. The fast path's kernel library is pinned to the caller's
-    for the streams."""
+    between them does the same arithmetic on the same cores and reads the same weights per forward, so it cannot
+    beat it without doing less work. The fast path's kernel library is pinned to the caller's for the streams."""
     if streams < 1 or repeats < 1: raise ConfigError(f"side_by_side needs streams >= 1 and repeats >= 1, got {streams} and {repeats}")
     if x.device.type != 'cpu': raise ConfigError(f"side_by_side times CPU threads; the input is on {x.device}")
     setting, threads = _kernel_setting['backend'], torch.get_num_threads()
