@@ -1015,7 +1015,7 @@ def side_by_side(model:nn.Module, x:torch.Tensor, streams:int=2, repeats:int=3) 
     barrier, times, errors = threading.Barrier(streams), [], []
     def stream():
         try:
-            torch.set_num_threads(1)   # this thread's own setting (OpenMP and MKL keep one per thread)
+            torch.set_num_threads(1)   # this thread's OpenMP and MKL counts (per thread); torch's default for new threads: restored below
             with torch.inference_mode():
                 model(x)
                 barrier.wait()
