@@ -13,9 +13,9 @@ __all__ = ['KERNEL_BACKENDS', 'CALIBRATION_SHAPES', 'DFT_MATMUL_MAX_SIZE', 'DFT_
            'interleaved_to_qc', 'fourier_unit_radix2_outer', 'FourierUnit', 'lfu_matrices', 'SpectralTransform',
            'split_channels', 'DDFC', 'DualFourierAttention', 'DDFCUnit', 'FFCSeparableConv2d', 'tuple_relu', 'FFCBlock',
            'scaled_channels', 'SpecXNetConfig', 'specxnet_config', 'SpecXNet', 'specxnet', 'profile_by_category',
-           'count_macs', 'minor_faults', 'cpu_description', 'keep_freed_memory', 'time_forward', 'side_by_side',
-           'speed_table', 'summarize_runs', 'fresh_process_runs', 'speed_benchmark', 'SpecXNetDetectorConfig',
-           'SpecXNetDetector']
+           'count_macs', 'macs_by_stage', 'minor_faults', 'cpu_description', 'keep_freed_memory', 'time_forward',
+           'side_by_side', 'speed_table', 'summarize_runs', 'fresh_process_runs', 'speed_benchmark',
+           'SpecXNetDetectorConfig', 'SpecXNetDetector']
 
 # %% ../../nbs/08_specxnet.ipynb #315d5121
 import math, functools, os, threading, time, weakref
@@ -965,6 +965,30 @@ def count_macs(model:nn.Module, x:torch.Tensor) -> int:
     from torch.utils.flop_counter import FlopCounterMode
     with torch.inference_mode(), FlopCounterMode(display=False) as counter: model(x)
     return counter.get_total_flops() // 2
+
+def macs_by_stage(model:nn.Module, x:torch.Tensor, stages:dict) -> pd.Series:
+    """Multiply-accumulates of one forward of `model(x)`, counted as `count_macs` counts them, per stage: `stages`
+    maps a label to the names of the submodules it sums (as `model.named_modules()` names them). 'rest' is the
+    work outside them (stem, pooling, head), 'total' the whole forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+    known, seen = dict(model.named_modules()), []
+    for label, names in stages.items():
+        if isinstance(names, str): raise ConfigError(f"macs_by_stage: stage {label!r} must list module names, got the string {names!r}")
+        for n in names:
+            if not n or n not in known: raise ConfigError(f"macs_by_stage: {type(model).__name__} has no submodule {n!r} (stage {label!r})")
+            clash = next((s for s in seen if s == n or n.startswith(s + '.') or s.startswith(n + '.')), None)
+            if clash is not None: raise ConfigError(f"macs_by_stage: {n!r} (stage {label!r}) overlaps {clash!r}, which is already counted")
+            seen.append(n)
+    with torch.inference_mode(), FlopCounterMode(display=False) as counter: model(x)
+    counts, prefix = counter.get_flop_counts(), type(model).__name__ + '.'
+    def flops(n):   # a module that ran: its count; one that never runs itself (a ModuleList): its outermost descendants'
+        key = prefix + n
+        if key in counts: return sum(counts[key].values())
+        below = [k for k in counts if k.startswith(key + '.')]
+        return sum(sum(counts[k].values()) for k in below if not any(k.startswith(o + '.') for o in below))
+    macs = {label: sum(flops(n) for n in names) // 2 for label, names in stages.items()}
+    total = counter.get_total_flops() // 2
+    return pd.Series({**macs, 'rest': total - sum(macs.values()), 'total': total}, name='MACs')
 
 def minor_faults() -> int|None:
     "Minor page faults of this process so far (the kernel mapping fresh memory on first touch); None where `resource` is missing (Windows)."
