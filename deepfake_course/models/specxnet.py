@@ -973,6 +973,7 @@ def macs_by_stage(model:nn.Module, x:torch.Tensor, stages:dict) -> pd.Series:
     from torch.utils.flop_counter import FlopCounterMode
     known, seen = dict(model.named_modules()), []
     for label, names in stages.items():
+        if label in ('rest', 'total'): raise ConfigError(f"macs_by_stage: {label!r} is the name of a row it adds; call the stage something else")
         if isinstance(names, str): raise ConfigError(f"macs_by_stage: stage {label!r} must list module names, got the string {names!r}")
         for n in names:
             if not n or n not in known: raise ConfigError(f"macs_by_stage: {type(model).__name__} has no submodule {n!r} (stage {label!r})")
